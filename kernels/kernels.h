@@ -1,0 +1,98 @@
+// Kernel launchers: one section per op family, each implemented in kernels/<family>.cu with the
+// forward and backward kernels side by side. Launchers pick grid sizes and take a stream; the
+// CUDA backend (src/cuda_backend.cu) is their only caller. Pointers are device pointers.
+// Semantics are those of the matching Backend op in include/ranktune/backend.h.
+#pragma once
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ranktune/backend.h"
+
+namespace ranktune::kernels {
+
+using bf16 = __nv_bfloat16;
+
+// ---- common.cu: elementwise, casts, reductions ---------------------------------------------------
+void fill_f32(float* x, int64_t n, float value, cudaStream_t s);
+void fill_bf16(bf16* x, int64_t n, float value, cudaStream_t s);
+// 2-D strided copy with conversion; ld* are row strides in elements.
+void copy_f32_to_bf16(bf16* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows,
+                      int64_t cols, cudaStream_t s);
+void copy_bf16_to_f32(float* dst, int64_t ld_dst, const bf16* src, int64_t ld_src, int64_t rows,
+                      int64_t cols, cudaStream_t s);
+void copy_bf16(bf16* dst, int64_t ld_dst, const bf16* src, int64_t ld_src, int64_t rows,
+               int64_t cols, cudaStream_t s);
+void scale_f32(float* x, int64_t n, float s_, cudaStream_t s);
+void scale_bf16(bf16* x, int64_t n, float s_, cudaStream_t s);
+// Deterministic sum of squares in double: per-block partials then one block reduces them.
+// scratch holds at least sum_squares_scratch_elems() doubles; result written to *out (device).
+int64_t sum_squares_scratch_elems();
+void sum_squares_f32(double* out, const float* x, int64_t n, double* scratch, cudaStream_t s);
+void dropout_bf16(bf16* out, int64_t ld_out, const bf16* in, int64_t ld_in, int64_t rows,
+                  int64_t cols, float p, uint64_t seed, cudaStream_t s);
+
+// ---- embedding.cu --------------------------------------------------------------------------------
+void embedding_forward(bf16* out, const int32_t* tokens, const bf16* table, int64_t n_tokens,
+                       int64_t channels, cudaStream_t s);
+// Deterministic scatter-add: order[] lists token positions sorted by token id (stable), and
+// run_starts[r]..run_starts[r+1] the positions of the r-th distinct token; one block per run.
+void embedding_backward(float* dtable, const bf16* dout, const int32_t* tokens,
+                        const int32_t* order, const int32_t* run_starts, int64_t n_runs,
+                        int64_t channels, cudaStream_t s);
+
+// ---- rmsnorm.cu ----------------------------------------------------------------------------------
+void residual_rmsnorm_forward(bf16* residual_out, bf16* norm_out, float* rstd,
+                              const bf16* residual_in, const bf16* delta, const bf16* weight,
+                              int64_t n_rows, int64_t channels, float eps, cudaStream_t s);
+// dweight_partial: scratch of rmsnorm_dweight_scratch_elems(n_rows, channels) floats.
+int64_t rmsnorm_dweight_scratch_elems(int64_t n_rows, int64_t channels);
+void rmsnorm_backward(bf16* dresidual, float* dweight, float dweight_beta, float* dweight_partial,
+                      const bf16* dnorm, const bf16* x, const bf16* weight, const float* rstd,
+                      int64_t n_rows, int64_t channels, cudaStream_t s);
+
+// ---- rope.cu -------------------------------------------------------------------------------------
+// x rows of ld elements; n_heads heads of head_dim each start at column 0. sign = +1 forward,
+// -1 backward.
+void rope(bf16* x, int64_t ld, int64_t n_rows, int64_t n_heads, int64_t head_dim,
+          const int32_t* positions, const float* cos, const float* sin, float sign, cudaStream_t s);
+
+// ---- swiglu.cu -----------------------------------------------------------------------------------
+void swiglu_forward(bf16* h, const bf16* gate, const bf16* up, int64_t ld_gu, int64_t n_rows,
+                    int64_t ffn, cudaStream_t s);
+void swiglu_backward(bf16* dgate, bf16* dup, int64_t ld_dgu, const bf16* dh, const bf16* gate,
+                     const bf16* up, int64_t ld_gu, int64_t n_rows, int64_t ffn, cudaStream_t s);
+
+// ---- cross_entropy.cu ----------------------------------------------------------------------------
+// dlogits may be null (forward only).
+void cross_entropy(float* losses, bf16* dlogits, const float* logits, const int32_t* targets,
+                   int64_t n_rows, int64_t vocab, float grad_scale, cudaStream_t s);
+
+// ---- attention.cu (flash-style, causal, GQA) -----------------------------------------------------
+// q/k/v/out/dq/dk/dv are row-major with the given row strides (elements); head h of row n starts
+// at column h*D. doc_ids may be null.
+struct AttnArgs {
+  const bf16* q; const bf16* k; const bf16* v;
+  int64_t ld_q, ld_k, ld_v;
+  const int32_t* doc_ids;
+  int64_t batch, seq_len, n_heads, n_kv_heads, head_dim;
+  float scale;
+};
+void attention_forward(bf16* out, int64_t ld_out, float* lse, const AttnArgs& a, cudaStream_t s);
+// scratch: attention_backward_scratch_bytes(a) bytes of device memory (e.g. D_i = rowsum(dO*O)).
+size_t attention_backward_scratch_bytes(const AttnArgs& a);
+void attention_backward(bf16* dq, int64_t ld_dq, bf16* dk, int64_t ld_dk, bf16* dv, int64_t ld_dv,
+                        const bf16* dout, int64_t ld_dout, const bf16* out, int64_t ld_out,
+                        const float* lse, const AttnArgs& a, void* scratch, cudaStream_t s);
+
+// ---- adamw.cu ------------------------------------------------------------------------------------
+void adamw_step(float* master, bf16* compute, const float* grad, float* m, float* v, int64_t n,
+                const AdamWParams& p, cudaStream_t s);
+// signed_map/unsigned_map: 256-entry device copies of the dynamic maps.
+void adamw8bit_step(float* master, bf16* compute, const float* grad, uint8_t* m_q, uint8_t* v_q,
+                    float* m_absmax, float* v_absmax, int64_t n, const float* signed_map,
+                    const float* unsigned_map, const AdamWParams& p, cudaStream_t s);
+
+}  // namespace ranktune::kernels
