@@ -1,0 +1,68 @@
+// The Llama architecture (as HF transformers' LlamaForCausalLM computes it) and the layout of its
+// parameters in ranktune's flat buffers.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace ranktune {
+
+struct RopeScaling {
+  std::string type;  // "" (none), "default" (none) or "llama3"
+  double factor = 1.0;
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+  int64_t original_max_position_embeddings = 8192;
+};
+
+struct LlamaArch {
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;        // C
+  int64_t intermediate_size = 0;  // F
+  int64_t n_layers = 0;
+  int64_t n_heads = 0;     // H
+  int64_t n_kv_heads = 0;  // Hkv
+  int64_t head_dim = 0;    // D (HF: head_dim, default hidden_size / n_heads)
+  double rms_norm_eps = 1e-5;
+  double rope_theta = 10000.0;
+  int64_t max_position_embeddings = 2048;
+  bool tie_word_embeddings = false;
+  RopeScaling rope_scaling;
+
+  int64_t q_dim() const { return n_heads * head_dim; }
+  int64_t kv_dim() const { return n_kv_heads * head_dim; }
+  int64_t qkv_dim() const { return q_dim() + 2 * kv_dim(); }
+  // Throws UserError naming `source` and the field when the shape is inconsistent.
+  void validate(const std::string& source) const;
+  // Number of parameters (embedding counted once when tied).
+  int64_t n_params() const;
+};
+
+// The seven projections LoRA can target, by their HF/PEFT names.
+inline const std::vector<std::string>& lora_module_names() {
+  static const std::vector<std::string> names = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                 "gate_proj", "up_proj", "down_proj"};
+  return names;
+}
+
+// One tensor of the model with its HF name ("model.layers.3.self_attn.q_proj.weight") and its
+// place in the flat buffer. Shapes are HF's: Linear weights are [out_features, in_features].
+struct ParamSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+  int64_t offset = 0;  // elements from the start of the flat buffer
+  int64_t numel = 0;
+  int layer = -1;      // -1 for embedding, final norm and lm_head
+  bool is_norm = false;  // no weight decay
+};
+
+// The base model's tensors in flat-buffer order: embed_tokens; per layer input_layernorm,
+// q_proj, k_proj, v_proj (adjacent, so together they are the fused [qkv_dim, C] weight),
+// o_proj, post_attention_layernorm, gate_proj, up_proj (adjacent: the fused [2F, C] weight),
+// down_proj; model.norm; lm_head (absent when tied).
+std::vector<ParamSpec> llama_param_layout(const LlamaArch& arch);
+
+// HF's rotary frequencies, with llama3 scaling when configured: inv_freq[i] for i < D/2.
+std::vector<float> rope_inv_freq(const LlamaArch& arch);
+
+}  // namespace ranktune
