@@ -61,6 +61,8 @@ class Backend {
   // ---- elementwise / reductions ------------------------------------------------------------
   // x *= s (f32 or act)
   virtual void scale(Tensor x, float s) = 0;
+  // y += x, elementwise over 2-D views of the same shape and dtype (strided ok).
+  virtual void add(Tensor y, Tensor x);
   // Sum of squares of an f32 tensor, accumulated in double, deterministic. Synchronizes.
   virtual double sum_squares(Tensor x) = 0;
   // Inverted dropout with a counter-based RNG: out[i] = keep(seed, i) ? in[i] / (1-p) : 0, where
@@ -158,6 +160,27 @@ RT_HOST_DEVICE inline bool dropout_keep(uint64_t seed, uint64_t index, float p) 
 // first moment, unsigned for the second.
 const float* adam8bit_signed_map();
 const float* adam8bit_unsigned_map();
+
+// A fresh 8-bit state: set the codes (host memory) with this -- every code points at its map's 0.0
+// entry, index 127 of the signed map (127 negative entries sort below it) and index 0 of the
+// unsigned one -- and zero the absmax arrays (Backend::alloc does). A zero-filled m_q decodes to
+// the same zeros, since code * absmax == 0 for any code, but its codes would name -0.99 and mislead
+// anyone inspecting a checkpoint.
+void adam8bit_init_state(uint8_t* m_q, uint8_t* v_q, int64_t n);
+
+// The code of the map entry nearest to x (x = value / absmax, so in [-1, 1]), found by binary
+// search over the sorted map; an exact tie between two neighbours goes to the lower index, and
+// values beyond either end clamp to it. Shared so both backends quantize identically.
+RT_HOST_DEVICE inline uint8_t adam8bit_quantize(const float* map, float x) {
+  int lo = 0, hi = 256;  // first index with map[i] >= x
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (map[mid] < x) lo = mid + 1; else hi = mid;
+  }
+  if (lo == 0) return 0;
+  if (lo == 256) return 255;
+  return static_cast<uint8_t>(x - map[lo - 1] <= map[lo] - x ? lo - 1 : lo);
+}
 
 std::unique_ptr<Backend> make_cpu_backend();
 // Throws UserError when ranktune was built without CUDA or the device cannot be used.

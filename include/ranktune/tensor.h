@@ -47,7 +47,7 @@ struct Tensor {
   int64_t rows() const;
   int64_t cols() const { return ndim == 0 ? 1 : shape[static_cast<size_t>(ndim - 1)]; }
   int64_t ld() const { return row_stride ? row_stride : cols(); }
-  bool contiguous() const { return row_stride == 0 || row_stride == cols(); }
+  bool contiguous() const { return row_stride == 0 || row_stride == cols() || rows() <= 1; }
 
   template <class T>
   T* ptr() const { return static_cast<T*>(data); }

@@ -1,0 +1,184 @@
+// The Llama model, written once against the Backend interface: embedding, per layer
+// RMSNorm -> attention (fused qkv projection, RoPE, causal GQA flash attention) -> o_proj ->
+// residual -> RMSNorm -> SwiGLU MLP (fused gate_up, down) -> residual; final RMSNorm; LM head
+// fused with cross-entropy in row chunks so the N x vocab logits never exist whole.
+//
+// Parameters live in flat buffers (one for the base model, one for LoRA adapters) with views per
+// tensor. Trainable tensors own exactly one gradient slot each; the GradLedger hands out the
+// writes and checks, every micro-batch, that each slot was written exactly as often as declared
+// and, every step, that each gradient bucket became ready for reduction exactly once. Activation
+// checkpointing keeps each layer's input only and recomputes the layer in backward; recompute never
+// touches a gradient slot, so it cannot mark a gradient ready twice.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ranktune/backend.h"
+#include "ranktune/config.h"
+#include "ranktune/llama.h"
+
+namespace ranktune {
+
+// ---- gradient ownership ---------------------------------------------------------------------------
+class GradLedger {
+ public:
+  // A slot: one trainable tensor's gradient, written `writes_per_micro` times per micro-batch
+  // (1, or 2 for a tied embedding trained through both the lookup and the LM head), belonging to
+  // one reduction bucket.
+  int add_slot(const std::string& name, int writes_per_micro, int bucket);
+  int n_buckets() const { return n_buckets_; }
+
+  void begin_step(int n_micro);
+  void begin_micro(int micro);
+  // Runs fn(beta) for a write that covers `slots` (several adjacent tensors written by one GEMM):
+  // beta is 0 for a slot's first write of the step (overwrite) and 1 after (accumulate). Aborts if
+  // a slot would be written more often than declared. In the last micro-batch of a step, a bucket
+  // whose slots are all complete is reported to on_bucket_ready, once.
+  void write(std::initializer_list<int> slots, const std::function<void(float beta)>& fn);
+  void write(const std::vector<int>& slots, const std::function<void(float beta)>& fn);
+  void end_micro();  // every slot written exactly writes_per_micro times
+  void end_step();   // every bucket reported exactly once
+
+  std::function<void(int bucket)> on_bucket_ready;
+  int64_t writes(int slot) const { return slots_[static_cast<size_t>(slot)].total_writes; }
+  int64_t reductions(int bucket) const { return bucket_reductions_[static_cast<size_t>(bucket)]; }
+  int find(const std::string& name) const;
+  size_t n_slots() const { return slots_.size(); }
+
+ private:
+  struct Slot {
+    std::string name;
+    int writes_per_micro = 1;
+    int bucket = 0;
+    int writes_this_micro = 0;
+    int64_t total_writes = 0;
+  };
+  std::vector<Slot> slots_;
+  std::vector<int> bucket_pending_;
+  std::vector<int> bucket_ready_this_step_;
+  std::vector<int64_t> bucket_reductions_;
+  int n_buckets_ = 0;
+  int n_micro_ = 1, micro_ = 0;
+  bool in_step_ = false;
+};
+
+// ---- parameters -------------------------------------------------------------------------------------
+// A set of tensors in one flat buffer: compute copy (activation dtype), fp32 master (aliases the
+// compute copy on the CPU path) and fp32 gradients when trainable.
+struct ParamGroup {
+  std::vector<ParamSpec> specs;
+  int64_t numel = 0;
+  Buffer compute_buf, master_buf, grad_buf;
+  Tensor compute, master, grad;  // flat 1-D views
+  std::vector<int> slot;         // ledger slot per spec (trainable groups)
+  const ParamSpec* find(const std::string& name) const;
+  Tensor compute_view(const ParamSpec& p) const;
+  Tensor grad_view(const ParamSpec& p) const;
+  Tensor master_view(const ParamSpec& p) const;
+};
+
+struct ModelOptions {
+  LlamaArch arch;
+  bool train_base = false;  // full fine-tuning
+  bool lora = true;
+  int64_t lora_r = 16;
+  float lora_scaling = 1.f;
+  float lora_dropout = 0.f;
+  std::vector<std::string> lora_targets;
+  Checkpointing checkpointing = Checkpointing::on;
+  int64_t max_batch = 1;  // B
+  int64_t max_seq = 1;    // T
+  int64_t loss_chunk_rows = 0;  // rows of logits per chunk (0 = choose from vocab)
+};
+ModelOptions model_options_from(const RunConfig& cfg, const LlamaArch& arch, int64_t max_batch);
+
+// One micro-batch as the data loader gives it (host memory, row-major [B, T]).
+struct ModelInputs {
+  int64_t batch = 0, seq_len = 0;
+  const int32_t* tokens = nullptr;
+  const int32_t* targets = nullptr;    // next-token targets, -100 = not trained
+  const int32_t* positions = nullptr;  // position of each token within its record
+  const int32_t* doc_ids = nullptr;    // record index within a packed row, or null
+};
+
+class LlamaModel {
+ public:
+  LlamaModel(Backend& backend, const ModelOptions& options);
+  ~LlamaModel();
+  LlamaModel(const LlamaModel&) = delete;
+  LlamaModel& operator=(const LlamaModel&) = delete;
+
+  const LlamaArch& arch() const { return opt_.arch; }
+  const ModelOptions& options() const { return opt_; }
+  Backend& backend() { return be_; }
+
+  ParamGroup& base() { return base_; }
+  ParamGroup& lora() { return lora_; }
+  bool has_lora() const { return opt_.lora; }
+  // The group the optimizer updates: the LoRA adapters, or the base model in full fine-tuning.
+  ParamGroup& trainable() { return opt_.train_base ? base_ : lora_; }
+  GradLedger& ledger() { return ledger_; }
+
+  // HF's init: N(0, 0.02) for linear and embedding weights, 1 for norms (host RNG: identical on
+  // every backend).
+  void init_base_random(uint64_t seed);
+  // PEFT's init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
+  void init_lora(uint64_t seed);
+  // Sets one tensor by its HF/PEFT name (base or LoRA) from fp32 host values; the master copy too.
+  void set_tensor(const std::string& name, const std::vector<float>& values);
+  std::vector<float> get_tensor(const std::string& name);  // the compute copy, as fp32
+  std::vector<float> get_grad(const std::string& name);
+  // After the optimizer: nothing to do on the CPU (master is the compute copy); on the GPU the
+  // optimizer kernel writes both.
+
+  // Forward and backward of one micro-batch; gradients accumulate through the ledger, with
+  // d(loss)/d(logit) scaled by grad_scale (1 / counted tokens of the whole step). Returns the sum
+  // of the token losses of this micro-batch. The caller brackets micro-batches with
+  // ledger().begin_step/begin_micro/end_micro/end_step.
+  double forward_backward(const ModelInputs& in, float grad_scale, uint64_t dropout_seed);
+  // Loss only (eval): returns the sum of token losses; if logits is non-null it receives all
+  // B*T*V logits (for tests with small vocabularies).
+  double forward_loss(const ModelInputs& in, std::vector<float>* logits = nullptr);
+
+  int64_t activation_bytes() const { return activation_bytes_; }
+
+ private:
+  struct LayerActs;
+  struct LinearPart;
+  void build_params();
+  void allocate_activations();
+  void upload_inputs(const ModelInputs& in);
+  void forward(const ModelInputs& in, bool training, uint64_t dropout_seed);
+  void layer_forward(int l, bool recompute, uint64_t dropout_seed);
+  void layer_backward(int l, uint64_t dropout_seed);
+  double head_loss(int64_t n_rows, bool backward, float grad_scale, std::vector<float>* logits);
+  void linear_forward(Tensor y, Tensor x, int l, const std::vector<LinearPart>& parts, Tensor weight,
+                      uint64_t dropout_seed);
+  void linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const std::vector<LinearPart>& parts,
+                       Tensor weight, const std::vector<int>& weight_slots, uint64_t dropout_seed);
+  LayerActs& acts(int l);
+  Tensor base_weight(int l, const std::string& suffix) const;
+  int base_slot(int l, const std::string& suffix) const;
+
+  Backend& be_;
+  ModelOptions opt_;
+  ParamGroup base_, lora_;
+  GradLedger ledger_;
+  std::vector<LayerActs> layer_acts_;
+  std::vector<Buffer> act_buffers_;
+  int64_t activation_bytes_ = 0;
+  // inputs and global activations
+  Tensor tokens_, targets_, positions_, doc_ids_, rope_cos_, rope_sin_;
+  std::vector<Tensor> layer_inputs_;  // x_in of every layer, kept always (the checkpoints)
+  Tensor x_final_, ln_final_, rstd_final_, delta_, losses_, logits_, dlogits_;
+  // backward scratch
+  Tensor dres_, dln_, dqkv_, datt_, dgu_, dh_, dxa_, drop_scratch_, lora_tmp_;
+  bool have_doc_ids_ = false;
+  int64_t B_ = 0, T_ = 0, N_ = 0;
+  int64_t loss_chunk_ = 0;
+};
+
+}  // namespace ranktune

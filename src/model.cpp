@@ -1,0 +1,758 @@
+// The Llama model over the Backend interface. Reading order: forward() -> layer_forward() ->
+// linear_forward(); forward_backward() -> head_loss() -> layer_backward() -> linear_backward().
+#include "ranktune/model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+
+#include "ranktune/error.h"
+
+namespace ranktune {
+
+// ---- GradLedger -----------------------------------------------------------------------------------
+
+int GradLedger::add_slot(const std::string& name, int writes_per_micro, int bucket) {
+  RT_ASSERT(!in_step_, "slots are declared before the first step");
+  slots_.push_back({name, writes_per_micro, bucket, 0, 0});
+  n_buckets_ = std::max(n_buckets_, bucket + 1);
+  bucket_pending_.assign(static_cast<size_t>(n_buckets_), 0);
+  bucket_ready_this_step_.assign(static_cast<size_t>(n_buckets_), 0);
+  bucket_reductions_.resize(static_cast<size_t>(n_buckets_), 0);
+  return static_cast<int>(slots_.size()) - 1;
+}
+
+int GradLedger::find(const std::string& name) const {
+  for (size_t i = 0; i < slots_.size(); ++i)
+    if (slots_[i].name == name) return static_cast<int>(i);
+  return -1;
+}
+
+void GradLedger::begin_step(int n_micro) {
+  RT_ASSERT(!in_step_, "begin_step inside a step");
+  RT_ASSERT(n_micro >= 1, "a step has at least one micro-batch");
+  in_step_ = true;
+  n_micro_ = n_micro;
+  micro_ = -1;
+  std::fill(bucket_ready_this_step_.begin(), bucket_ready_this_step_.end(), 0);
+}
+
+void GradLedger::begin_micro(int micro) {
+  RT_ASSERT(in_step_ && micro == micro_ + 1 && micro < n_micro_, "micro-batches run in order inside a step");
+  micro_ = micro;
+  for (auto& s : slots_) s.writes_this_micro = 0;
+  std::fill(bucket_pending_.begin(), bucket_pending_.end(), 0);
+  for (const auto& s : slots_) bucket_pending_[static_cast<size_t>(s.bucket)] += s.writes_per_micro;
+}
+
+void GradLedger::write(std::initializer_list<int> slots, const std::function<void(float)>& fn) {
+  write(std::vector<int>(slots), fn);
+}
+
+void GradLedger::write(const std::vector<int>& slots, const std::function<void(float)>& fn) {
+  RT_ASSERT(in_step_ && micro_ >= 0, "gradient written outside a micro-batch");
+  RT_ASSERT(!slots.empty(), "a write covers at least one slot");
+  const Slot& first = slots_[static_cast<size_t>(slots.front())];
+  const bool overwrite = micro_ == 0 && first.writes_this_micro == 0;
+  for (int id : slots) {
+    Slot& s = slots_[static_cast<size_t>(id)];
+    RT_ASSERT(s.writes_this_micro < s.writes_per_micro,
+              "gradient slot " + s.name + " written more often than declared in one micro-batch");
+    RT_ASSERT((micro_ == 0 && s.writes_this_micro == 0) == overwrite,
+              "slots of one write must be at the same point: " + s.name);
+  }
+  fn(overwrite ? 0.f : 1.f);
+  for (int id : slots) {
+    Slot& s = slots_[static_cast<size_t>(id)];
+    ++s.writes_this_micro;
+    ++s.total_writes;
+    int& pending = bucket_pending_[static_cast<size_t>(s.bucket)];
+    --pending;
+    if (pending == 0 && micro_ == n_micro_ - 1) {
+      int& ready = bucket_ready_this_step_[static_cast<size_t>(s.bucket)];
+      RT_ASSERT(ready == 0, "bucket reported ready twice in one step");
+      ready = 1;
+      ++bucket_reductions_[static_cast<size_t>(s.bucket)];
+      if (on_bucket_ready) on_bucket_ready(s.bucket);
+    }
+  }
+}
+
+void GradLedger::end_micro() {
+  for (const auto& s : slots_)
+    RT_ASSERT(s.writes_this_micro == s.writes_per_micro,
+              "gradient slot " + s.name + " written " + std::to_string(s.writes_this_micro) + " times, expected " +
+                  std::to_string(s.writes_per_micro));
+}
+
+void GradLedger::end_step() {
+  RT_ASSERT(in_step_ && micro_ == n_micro_ - 1, "end_step before the last micro-batch");
+  for (int b = 0; b < n_buckets_; ++b)
+    RT_ASSERT(bucket_ready_this_step_[static_cast<size_t>(b)] == 1,
+              "bucket " + std::to_string(b) + " was not reduced exactly once");
+  in_step_ = false;
+}
+
+// ---- parameters --------------------------------------------------------------------------------------
+
+const ParamSpec* ParamGroup::find(const std::string& name) const {
+  for (const auto& s : specs)
+    if (s.name == name) return &s;
+  return nullptr;
+}
+Tensor ParamGroup::compute_view(const ParamSpec& p) const { return compute.flat_slice(p.offset, p.numel); }
+Tensor ParamGroup::grad_view(const ParamSpec& p) const { return grad.flat_slice(p.offset, p.numel); }
+Tensor ParamGroup::master_view(const ParamSpec& p) const { return master.flat_slice(p.offset, p.numel); }
+
+namespace {
+
+Tensor as_matrix(Tensor flat, int64_t rows, int64_t cols) { return flat.view({rows, cols}); }
+
+// Where each LoRA target sits in the fused projections.
+struct ModuleSite {
+  const char* module;  // q_proj ...
+  const char* fused;   // "qkv", "o", "gate_up", "down"
+};
+const ModuleSite kSites[] = {{"q_proj", "qkv"},      {"k_proj", "qkv"},     {"v_proj", "qkv"}, {"o_proj", "o"},
+                             {"gate_proj", "gate_up"}, {"up_proj", "gate_up"}, {"down_proj", "down"}};
+
+std::string module_prefix(int l, const std::string& module) {
+  const bool attn = module == "q_proj" || module == "k_proj" || module == "v_proj" || module == "o_proj";
+  return "model.layers." + std::to_string(l) + (attn ? ".self_attn." : ".mlp.") + module;
+}
+
+uint64_t splitmix(uint64_t& state) {
+  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+double uniform01(uint64_t& state) { return static_cast<double>(splitmix(state) >> 11) * (1.0 / 9007199254740992.0); }
+
+uint64_t mix_seed(uint64_t seed, uint64_t a, uint64_t b) {
+  uint64_t s = seed ^ (a * 0x9E3779B97F4A7C15ull) ^ (b * 0xC2B2AE3D27D4EB4Full);
+  return splitmix(s);
+}
+
+}  // namespace
+
+// One LoRA adapter applied inside a fused projection: output columns [col, col+out) of the
+// projection, A [r, in], B [out, r].
+struct LlamaModel::LinearPart {
+  int64_t col = 0, out = 0;
+  Tensor a, b;          // compute copies
+  int slot_a = -1, slot_b = -1;
+  Tensor grad_a, grad_b;
+  int module_index = 0;  // for the dropout seed
+  Tensor xa;             // [N, r] saved activation drop(x) A^T (per layer)
+};
+
+struct LlamaModel::LayerActs {
+  Tensor ln1, rstd1, qkv, att, lse, x_mid, ln2, rstd2, gu, h;
+  std::vector<LinearPart> qkv_parts, o_parts, gate_up_parts, down_parts;
+};
+
+ModelOptions model_options_from(const RunConfig& cfg, const LlamaArch& arch, int64_t max_batch) {
+  ModelOptions o;
+  o.arch = arch;
+  o.lora = cfg.lora.enabled;
+  o.train_base = !cfg.lora.enabled;
+  o.lora_r = cfg.lora.r;
+  o.lora_scaling = static_cast<float>(cfg.lora.scaling());
+  o.lora_dropout = static_cast<float>(cfg.lora.lora_dropout);
+  o.lora_targets = cfg.lora.target_modules;
+  o.checkpointing = cfg.model.gradient_checkpointing;
+  o.max_batch = max_batch;
+  o.max_seq = cfg.model.max_seq_length;
+  return o;
+}
+
+LlamaModel::LlamaModel(Backend& backend, const ModelOptions& options) : be_(backend), opt_(options) {
+  opt_.arch.validate("model");
+  RT_REQUIRE(opt_.max_seq <= opt_.arch.max_position_embeddings,
+             "model.max_seq_length (" + std::to_string(opt_.max_seq) + ") exceeds the model's max_position_embeddings (" +
+                 std::to_string(opt_.arch.max_position_embeddings) + ")");
+  build_params();
+  allocate_activations();
+}
+
+LlamaModel::~LlamaModel() = default;
+
+void LlamaModel::build_params() {
+  const LlamaArch& a = opt_.arch;
+  const bool gpu = be_.device() == Device::cuda;
+  const DType act = be_.act_dtype();
+
+  // Base model. Buckets: one per layer, plus one for the embedding / final norm / head.
+  base_.specs = llama_param_layout(a);
+  base_.numel = base_.specs.back().offset + base_.specs.back().numel;
+  base_.compute_buf = be_.alloc(static_cast<size_t>(base_.numel) * dtype_size(act));
+  base_.compute = base_.compute_buf.as(act, {base_.numel});
+  const int global_bucket = static_cast<int>(a.n_layers);
+  if (opt_.train_base) {
+    if (gpu) {
+      base_.master_buf = be_.alloc(static_cast<size_t>(base_.numel) * 4);
+      base_.master = base_.master_buf.as(DType::f32, {base_.numel});
+    } else {
+      base_.master = base_.compute;
+    }
+    base_.grad_buf = be_.alloc(static_cast<size_t>(base_.numel) * 4);
+    base_.grad = base_.grad_buf.as(DType::f32, {base_.numel});
+    for (const auto& s : base_.specs) {
+      const bool tied_embedding = a.tie_word_embeddings && s.name == "model.embed_tokens.weight";
+      base_.slot.push_back(ledger_.add_slot(s.name, tied_embedding ? 2 : 1, s.layer >= 0 ? s.layer : global_bucket));
+    }
+  }
+
+  if (!opt_.lora) return;
+  // LoRA adapters, in layer order, modules in the fixed q,k,v,o,gate,up,down order.
+  int64_t offset = 0;
+  const int64_t r = opt_.lora_r;
+  for (int l = 0; l < a.n_layers; ++l) {
+    for (const auto& site : kSites) {
+      const std::string m = site.module;
+      if (std::find(opt_.lora_targets.begin(), opt_.lora_targets.end(), m) == opt_.lora_targets.end()) continue;
+      int64_t in = a.hidden_size, out = a.hidden_size;
+      if (m == "q_proj") out = a.q_dim();
+      if (m == "k_proj" || m == "v_proj") out = a.kv_dim();
+      if (m == "o_proj") in = a.q_dim();
+      if (m == "gate_proj" || m == "up_proj") out = a.intermediate_size;
+      if (m == "down_proj") in = a.intermediate_size;
+      const std::string p = module_prefix(l, m);
+      lora_.specs.push_back({p + ".lora_A.weight", {r, in}, offset, r * in, l, false});
+      offset += r * in;
+      lora_.specs.push_back({p + ".lora_B.weight", {out, r}, offset, out * r, l, false});
+      offset += out * r;
+    }
+  }
+  lora_.numel = offset;
+  RT_REQUIRE(lora_.numel > 0, "lora.target_modules selects no projection");
+  lora_.compute_buf = be_.alloc(static_cast<size_t>(lora_.numel) * dtype_size(act));
+  lora_.compute = lora_.compute_buf.as(act, {lora_.numel});
+  if (gpu) {
+    lora_.master_buf = be_.alloc(static_cast<size_t>(lora_.numel) * 4);
+    lora_.master = lora_.master_buf.as(DType::f32, {lora_.numel});
+  } else {
+    lora_.master = lora_.compute;
+  }
+  if (!opt_.train_base) {
+    lora_.grad_buf = be_.alloc(static_cast<size_t>(lora_.numel) * 4);
+    lora_.grad = lora_.grad_buf.as(DType::f32, {lora_.numel});
+    for (const auto& s : lora_.specs) lora_.slot.push_back(ledger_.add_slot(s.name, 1, s.layer));
+  }
+}
+
+void LlamaModel::allocate_activations() {
+  const LlamaArch& a = opt_.arch;
+  const DType act = be_.act_dtype();
+  B_ = opt_.max_batch;
+  T_ = opt_.max_seq;
+  N_ = B_ * T_;
+  const int64_t N = N_, C = a.hidden_size, F = a.intermediate_size, V = a.vocab_size, H = a.n_heads;
+  loss_chunk_ = opt_.loss_chunk_rows > 0 ? opt_.loss_chunk_rows
+                                         : std::max<int64_t>(1, std::min<int64_t>(N, (256LL << 20) / (V * 4)));
+  loss_chunk_ = std::min(loss_chunk_, N);
+
+  // Sizes are listed once, then carved out of one buffer per group.
+  struct Want {
+    Tensor* t;
+    DType dtype;
+    std::vector<int64_t> shape;
+  };
+  auto carve = [&](std::vector<Want> wants) {
+    size_t bytes = 0;
+    for (auto& w : wants) {
+      int64_t n = 1;
+      for (auto d : w.shape) n *= d;
+      bytes += (static_cast<size_t>(n) * dtype_size(w.dtype) + 255) / 256 * 256;
+    }
+    act_buffers_.push_back(be_.alloc(bytes));
+    activation_bytes_ += static_cast<int64_t>(bytes);
+    char* base = static_cast<char*>(act_buffers_.back().data());
+    size_t off = 0;
+    for (auto& w : wants) {
+      int64_t n = 1;
+      for (auto d : w.shape) n *= d;
+      Tensor t(base + off, w.dtype, be_.device(), {});
+      t.ndim = static_cast<int>(w.shape.size());
+      for (size_t i = 0; i < w.shape.size(); ++i) t.shape[i] = w.shape[i];
+      *w.t = t;
+      off += (static_cast<size_t>(n) * dtype_size(w.dtype) + 255) / 256 * 256;
+    }
+  };
+
+  carve({{&tokens_, DType::i32, {N}},
+         {&targets_, DType::i32, {N}},
+         {&positions_, DType::i32, {N}},
+         {&doc_ids_, DType::i32, {N}},
+         {&rope_cos_, DType::f32, {T_, a.head_dim / 2}},
+         {&rope_sin_, DType::f32, {T_, a.head_dim / 2}},
+         {&x_final_, act, {N, C}},
+         {&ln_final_, act, {N, C}},
+         {&rstd_final_, DType::f32, {N}},
+         {&delta_, act, {N, C}},
+         {&losses_, DType::f32, {N}},
+         {&logits_, DType::f32, {loss_chunk_, V}},
+         {&dlogits_, act, {loss_chunk_, V}},
+         {&dres_, act, {N, C}},
+         {&dln_, act, {N, std::max(C, a.q_dim())}},
+         {&dqkv_, act, {N, a.qkv_dim()}},
+         {&datt_, act, {N, a.q_dim()}},
+         {&dgu_, act, {N, 2 * F}},
+         {&dh_, act, {N, F}},
+         {&dxa_, act, {N, std::max<int64_t>(opt_.lora_r, 1)}},
+         {&drop_scratch_, act, {opt_.lora_dropout > 0 ? N : 1, std::max({C, F, a.q_dim()})}},
+         {&lora_tmp_, act, {opt_.lora_dropout > 0 ? N : 1, std::max({C, F, a.q_dim()})}}});
+  dln_ = dln_.view({N * std::max(C, a.q_dim())});
+
+  // Rotary tables, computed on the host as HF does (float32 angle = position * inv_freq).
+  const std::vector<float> inv = rope_inv_freq(a);
+  std::vector<float> cosv(static_cast<size_t>(T_ * (a.head_dim / 2))), sinv(cosv.size());
+  for (int64_t t = 0; t < T_; ++t)
+    for (int64_t i = 0; i < a.head_dim / 2; ++i) {
+      const float angle = static_cast<float>(t) * inv[static_cast<size_t>(i)];
+      cosv[static_cast<size_t>(t * (a.head_dim / 2) + i)] = static_cast<float>(std::cos(static_cast<double>(angle)));
+      sinv[static_cast<size_t>(t * (a.head_dim / 2) + i)] = static_cast<float>(std::sin(static_cast<double>(angle)));
+    }
+  be_.upload(rope_cos_, cosv.data());
+  be_.upload(rope_sin_, sinv.data());
+
+  // Layer inputs are the checkpoints: kept for every layer.
+  layer_inputs_.resize(static_cast<size_t>(a.n_layers));
+  {
+    std::vector<Want> wants;
+    for (auto& x : layer_inputs_) wants.push_back({&x, act, {N, C}});
+    carve(wants);
+  }
+  // Per-layer activations: one set per layer, or a single recompute set with checkpointing.
+  const bool ckpt = opt_.checkpointing != Checkpointing::off;
+  const int n_sets = ckpt ? 1 : static_cast<int>(a.n_layers);
+  layer_acts_.resize(static_cast<size_t>(a.n_layers));
+  std::vector<LayerActs> sets(static_cast<size_t>(n_sets));
+  const int64_t r = std::max<int64_t>(opt_.lora_r, 1);
+  const int n_modules = opt_.lora ? static_cast<int>(opt_.lora_targets.size()) : 0;
+  std::vector<Tensor> xa_sets(static_cast<size_t>(n_sets * std::max(n_modules, 1)));
+  for (int s = 0; s < n_sets; ++s) {
+    LayerActs& A = sets[static_cast<size_t>(s)];
+    std::vector<Want> wants = {{&A.ln1, act, {N, C}},           {&A.rstd1, DType::f32, {N}},
+                               {&A.qkv, act, {N, a.qkv_dim()}}, {&A.att, act, {N, a.q_dim()}},
+                               {&A.lse, DType::f32, {B_, H, T_}}, {&A.x_mid, act, {N, C}},
+                               {&A.ln2, act, {N, C}},           {&A.rstd2, DType::f32, {N}},
+                               {&A.gu, act, {N, 2 * F}},        {&A.h, act, {N, F}}};
+    for (int m = 0; m < n_modules; ++m) wants.push_back({&xa_sets[static_cast<size_t>(s * n_modules + m)], act, {N, r}});
+    carve(wants);
+  }
+
+  // Wire each layer to its activation set and its LoRA parts.
+  for (int l = 0; l < a.n_layers; ++l) {
+    const int s = ckpt ? 0 : l;
+    LayerActs& A = layer_acts_[static_cast<size_t>(l)];
+    A = sets[static_cast<size_t>(s)];
+    if (!opt_.lora) continue;
+    int m_index = 0;
+    for (int site = 0; site < 7; ++site) {
+      const std::string m = kSites[site].module;
+      if (std::find(opt_.lora_targets.begin(), opt_.lora_targets.end(), m) == opt_.lora_targets.end()) continue;
+      const std::string p = module_prefix(l, m);
+      const ParamSpec* sa = lora_.find(p + ".lora_A.weight");
+      const ParamSpec* sb = lora_.find(p + ".lora_B.weight");
+      LinearPart part;
+      part.out = sb->shape[0];
+      part.col = 0;
+      if (m == "k_proj") part.col = a.q_dim();
+      if (m == "v_proj") part.col = a.q_dim() + a.kv_dim();
+      if (m == "up_proj") part.col = a.intermediate_size;
+      part.a = as_matrix(lora_.compute_view(*sa), sa->shape[0], sa->shape[1]);
+      part.b = as_matrix(lora_.compute_view(*sb), sb->shape[0], sb->shape[1]);
+      if (!lora_.grad.empty()) {
+        part.grad_a = as_matrix(lora_.grad_view(*sa), sa->shape[0], sa->shape[1]);
+        part.grad_b = as_matrix(lora_.grad_view(*sb), sb->shape[0], sb->shape[1]);
+        part.slot_a = lora_.slot[static_cast<size_t>(sa - lora_.specs.data())];
+        part.slot_b = lora_.slot[static_cast<size_t>(sb - lora_.specs.data())];
+      }
+      part.module_index = site;
+      part.xa = xa_sets[static_cast<size_t>(s * n_modules + m_index)];
+      ++m_index;
+      const std::string fused = kSites[site].fused;
+      if (fused == "qkv") A.qkv_parts.push_back(part);
+      else if (fused == "o") A.o_parts.push_back(part);
+      else if (fused == "gate_up") A.gate_up_parts.push_back(part);
+      else A.down_parts.push_back(part);
+    }
+  }
+}
+
+LlamaModel::LayerActs& LlamaModel::acts(int l) { return layer_acts_[static_cast<size_t>(l)]; }
+
+Tensor LlamaModel::base_weight(int l, const std::string& suffix) const {
+  // The fused projections are views over adjacent tensors: q,k,v -> [qkv_dim, C]; gate,up -> [2F, C].
+  const LlamaArch& a = opt_.arch;
+  if (suffix == "self_attn.qkv" || suffix == "mlp.gate_up") {
+    const bool qkv = suffix == "self_attn.qkv";
+    const ParamSpec* first = base_.find("model.layers." + std::to_string(l) + (qkv ? ".self_attn.q_proj.weight" : ".mlp.gate_proj.weight"));
+    const int64_t rows = qkv ? a.qkv_dim() : 2 * a.intermediate_size;
+    return as_matrix(base_.compute.flat_slice(first->offset, rows * a.hidden_size), rows, a.hidden_size);
+  }
+  const std::string name = l < 0 ? suffix : "model.layers." + std::to_string(l) + "." + suffix;
+  const ParamSpec* p = base_.find(name);
+  RT_ASSERT(p, "no parameter " + name);
+  Tensor t = base_.compute_view(*p);
+  return p->shape.size() == 2 ? as_matrix(t, p->shape[0], p->shape[1]) : t;
+}
+
+int LlamaModel::base_slot(int l, const std::string& suffix) const {
+  const std::string name = l < 0 ? suffix : "model.layers." + std::to_string(l) + "." + suffix;
+  const ParamSpec* p = base_.find(name);
+  RT_ASSERT(p, "no parameter " + name);
+  return base_.slot[static_cast<size_t>(p - base_.specs.data())];
+}
+
+// ---- weights ---------------------------------------------------------------------------------------------
+
+void LlamaModel::init_base_random(uint64_t seed) {
+  uint64_t state = seed;
+  std::vector<float> host(static_cast<size_t>(base_.numel));
+  for (const auto& p : base_.specs) {
+    float* w = host.data() + p.offset;
+    if (p.is_norm) {
+      std::fill(w, w + p.numel, 1.0f);
+      continue;
+    }
+    for (int64_t i = 0; i < p.numel; i += 2) {  // Box-Muller, std 0.02
+      const double u1 = std::max(uniform01(state), 1e-300), u2 = uniform01(state);
+      const double rad = std::sqrt(-2.0 * std::log(u1));
+      w[i] = static_cast<float>(0.02 * rad * std::cos(2 * M_PI * u2));
+      if (i + 1 < p.numel) w[i + 1] = static_cast<float>(0.02 * rad * std::sin(2 * M_PI * u2));
+    }
+  }
+  for (const auto& p : base_.specs)
+    set_tensor(p.name, std::vector<float>(host.begin() + p.offset, host.begin() + p.offset + p.numel));
+}
+
+void LlamaModel::init_lora(uint64_t seed) {
+  uint64_t state = seed ^ 0x5EEDl;
+  for (const auto& p : lora_.specs) {
+    std::vector<float> w(static_cast<size_t>(p.numel), 0.0f);
+    if (p.name.find("lora_A") != std::string::npos) {
+      const double bound = 1.0 / std::sqrt(static_cast<double>(p.shape[1]));
+      for (auto& x : w) x = static_cast<float>((2 * uniform01(state) - 1) * bound);
+    }
+    set_tensor(p.name, w);
+  }
+}
+
+void LlamaModel::set_tensor(const std::string& name, const std::vector<float>& values) {
+  ParamGroup* g = base_.find(name) ? &base_ : (lora_.find(name) ? &lora_ : nullptr);
+  RT_REQUIRE(g, "unknown tensor " + name);
+  const ParamSpec& p = *g->find(name);
+  RT_REQUIRE(static_cast<int64_t>(values.size()) == p.numel,
+             "tensor " + name + ": expected " + std::to_string(p.numel) + " values, got " + std::to_string(values.size()));
+  Tensor host(const_cast<float*>(values.data()), DType::f32, Device::cpu, {p.numel});
+  if (!g->master.empty() && g->master.data != g->compute.data) be_.upload(g->master_view(p), values.data());
+  if (be_.act_dtype() == DType::f32) {
+    be_.upload(g->compute_view(p), values.data());
+  } else {
+    std::vector<uint16_t> bf(values.size());
+    for (size_t i = 0; i < values.size(); ++i) bf[i] = f32_to_bf16(values[i]);
+    be_.upload(g->compute_view(p), bf.data());
+  }
+  (void)host;
+}
+
+std::vector<float> LlamaModel::get_tensor(const std::string& name) {
+  ParamGroup* g = base_.find(name) ? &base_ : (lora_.find(name) ? &lora_ : nullptr);
+  RT_REQUIRE(g, "unknown tensor " + name);
+  const ParamSpec& p = *g->find(name);
+  std::vector<float> out(static_cast<size_t>(p.numel));
+  if (be_.act_dtype() == DType::f32) {
+    be_.download(out.data(), g->compute_view(p));
+  } else {
+    std::vector<uint16_t> bf(out.size());
+    be_.download(bf.data(), g->compute_view(p));
+    for (size_t i = 0; i < out.size(); ++i) out[i] = bf16_to_f32(bf[i]);
+  }
+  return out;
+}
+
+std::vector<float> LlamaModel::get_grad(const std::string& name) {
+  ParamGroup* g = base_.find(name) ? &base_ : (lora_.find(name) ? &lora_ : nullptr);
+  RT_REQUIRE(g && !g->grad.empty(), "no gradient for " + name);
+  const ParamSpec& p = *g->find(name);
+  std::vector<float> out(static_cast<size_t>(p.numel));
+  be_.download(out.data(), g->grad_view(p));
+  return out;
+}
+
+// ---- forward -----------------------------------------------------------------------------------------------
+
+void LlamaModel::upload_inputs(const ModelInputs& in) {
+  RT_ASSERT(in.batch <= opt_.max_batch && in.seq_len == opt_.max_seq, "batch larger than the model was planned for");
+  B_ = in.batch;
+  N_ = in.batch * in.seq_len;
+  be_.upload(tokens_.flat_slice(0, N_), in.tokens);
+  be_.upload(targets_.flat_slice(0, N_), in.targets);
+  be_.upload(positions_.flat_slice(0, N_), in.positions);
+  have_doc_ids_ = in.doc_ids != nullptr;
+  if (have_doc_ids_) be_.upload(doc_ids_.flat_slice(0, N_), in.doc_ids);
+}
+
+// y = x W^T (+ the LoRA parts: y[:, col:col+out] += s * drop(x) A^T B^T). With y empty only the
+// LoRA products xa = drop(x) A^T are computed (what backward needs from a recompute).
+void LlamaModel::linear_forward(Tensor y, Tensor x, int l, const std::vector<LinearPart>& parts, Tensor weight,
+                                uint64_t dropout_seed) {
+  if (!y.empty()) be_.matmul(y, x, weight, false, true, 1.f, 0.f);
+  for (const LinearPart& part : parts) {
+    Tensor xa = part.xa.row_slice(0, N_);
+    Tensor xin = x;
+    if (opt_.lora_dropout > 0) {
+      xin = drop_scratch_.row_slice(0, N_).col_slice(0, x.cols());
+      be_.dropout(xin, x, opt_.lora_dropout, mix_seed(dropout_seed, static_cast<uint64_t>(l), static_cast<uint64_t>(part.module_index)));
+    }
+    be_.matmul(xa, xin, part.a, false, true, 1.f, 0.f);
+    if (!y.empty()) be_.matmul(y.col_slice(part.col, part.out), xa, part.b, false, true, opt_.lora_scaling, 1.f);
+  }
+}
+
+void LlamaModel::layer_forward(int l, bool recompute, uint64_t dropout_seed) {
+  const LlamaArch& a = opt_.arch;
+  LayerActs& A = acts(l);
+  const int64_t N = N_, C = a.hidden_size, F = a.intermediate_size;
+  const float eps = static_cast<float>(a.rms_norm_eps);
+  Tensor x_in = layer_inputs_[static_cast<size_t>(l)].row_slice(0, N);
+  Tensor ln1 = A.ln1.row_slice(0, N), qkv = A.qkv.row_slice(0, N), att = A.att.row_slice(0, N);
+  Tensor x_mid = A.x_mid.row_slice(0, N), ln2 = A.ln2.row_slice(0, N), gu = A.gu.row_slice(0, N),
+         h = A.h.row_slice(0, N);
+  Tensor delta = delta_.row_slice(0, N);
+
+  // In the plain forward, ln1 was written by the previous layer's fused residual + norm.
+  if (recompute || l == 0)
+    be_.residual_rmsnorm_forward(Tensor(), ln1, A.rstd1.flat_slice(0, N), x_in, Tensor(),
+                                 base_weight(l, "input_layernorm.weight"), eps);
+  // Attention block.
+  linear_forward(qkv, ln1, l, A.qkv_parts, base_weight(l, "self_attn.qkv"), dropout_seed);
+  Tensor q = qkv.col_slice(0, a.q_dim()), k = qkv.col_slice(a.q_dim(), a.kv_dim()),
+         v = qkv.col_slice(a.q_dim() + a.kv_dim(), a.kv_dim());
+  Tensor pos = positions_.flat_slice(0, N);
+  be_.rope_forward(q, pos, rope_cos_, rope_sin_, a.head_dim);
+  be_.rope_forward(k, pos, rope_cos_, rope_sin_, a.head_dim);
+  const AttnShape shape{B_, T_, a.n_heads, a.n_kv_heads, a.head_dim, 1.0f / std::sqrt(static_cast<float>(a.head_dim))};
+  Tensor lse = A.lse.flat_slice(0, B_ * a.n_heads * T_);
+  be_.attention_forward(att, lse, q, k, v, have_doc_ids_ ? doc_ids_.flat_slice(0, N) : Tensor(), shape);
+  linear_forward(delta, att, l, A.o_parts, base_weight(l, "self_attn.o_proj.weight"), dropout_seed);
+  be_.residual_rmsnorm_forward(x_mid, ln2, A.rstd2.flat_slice(0, N), x_in, delta,
+                               base_weight(l, "post_attention_layernorm.weight"), eps);
+  // MLP block.
+  linear_forward(gu, ln2, l, A.gate_up_parts, base_weight(l, "mlp.gate_up"), dropout_seed);
+  be_.swiglu_forward(h, gu.col_slice(0, F), gu.col_slice(F, F));
+  if (recompute) {
+    // Backward needs the down projection's LoRA input product, not its output.
+    linear_forward(Tensor(), h, l, A.down_parts, Tensor(), dropout_seed);
+    return;
+  }
+  linear_forward(delta, h, l, A.down_parts, base_weight(l, "mlp.down_proj.weight"), dropout_seed);
+  // Residual add fused with the next norm: the next layer's input and its ln1, or the final norm.
+  if (l + 1 < a.n_layers) {
+    LayerActs& next = acts(l + 1);
+    be_.residual_rmsnorm_forward(layer_inputs_[static_cast<size_t>(l + 1)].row_slice(0, N), next.ln1.row_slice(0, N),
+                                 next.rstd1.flat_slice(0, N), x_mid, delta,
+                                 base_weight(l + 1, "input_layernorm.weight"), eps);
+  } else {
+    be_.residual_rmsnorm_forward(x_final_.row_slice(0, N), ln_final_.row_slice(0, N), rstd_final_.flat_slice(0, N),
+                                 x_mid, delta, base_weight(-1, "model.norm.weight"), eps);
+  }
+  (void)C;
+}
+
+void LlamaModel::forward(const ModelInputs& in, bool training, uint64_t dropout_seed) {
+  (void)training;
+  upload_inputs(in);
+  be_.embedding_forward(layer_inputs_[0].row_slice(0, N_), tokens_.flat_slice(0, N_),
+                        base_weight(-1, "model.embed_tokens.weight"));
+  for (int l = 0; l < opt_.arch.n_layers; ++l) layer_forward(l, /*recompute=*/false, dropout_seed);
+}
+
+// The LM head fused with cross-entropy, chunk by chunk: logits = ln_final W^T (f32), loss per row,
+// and in training dlogits -> d ln_final (into dln_) and the head's weight gradient.
+double LlamaModel::head_loss(int64_t n_rows, bool backward, float grad_scale, std::vector<float>* logits_out) {
+  const LlamaArch& a = opt_.arch;
+  const int64_t V = a.vocab_size, C = a.hidden_size;
+  const std::string head_name = a.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+  Tensor w = base_weight(-1, head_name);
+  Tensor dln = dln_.flat_slice(0, n_rows * C).view({n_rows, C});
+  auto pass = [&](float beta, Tensor dw) {
+    for (int64_t r0 = 0; r0 < n_rows; r0 += loss_chunk_) {
+      const int64_t n = std::min(loss_chunk_, n_rows - r0);
+      Tensor logits = logits_.row_slice(0, n), dlogits = dlogits_.row_slice(0, n);
+      Tensor x = ln_final_.row_slice(r0, n);
+      be_.matmul(logits, x, w, false, true, 1.f, 0.f);
+      be_.cross_entropy(losses_.flat_slice(r0, n), backward ? dlogits : Tensor(), logits,
+                        targets_.flat_slice(r0, n), grad_scale);
+      if (logits_out) {
+        std::vector<float> chunk(static_cast<size_t>(n * V));
+        be_.download(chunk.data(), logits);
+        logits_out->insert(logits_out->end(), chunk.begin(), chunk.end());
+      }
+      if (!backward) continue;
+      be_.matmul(dln.row_slice(r0, n), dlogits, w, false, false, 1.f, 0.f);
+      if (!dw.empty()) be_.matmul(dw, dlogits, x, true, false, 1.f, r0 == 0 ? beta : 1.f);
+    }
+  };
+  if (backward && opt_.train_base) {
+    const ParamSpec* p = base_.find(head_name);
+    Tensor dw = as_matrix(base_.grad_view(*p), V, C);
+    ledger_.write({base_slot(-1, head_name)}, [&](float beta) { pass(beta, dw); });
+  } else {
+    pass(0.f, Tensor());
+  }
+  std::vector<float> losses(static_cast<size_t>(n_rows));
+  be_.download(losses.data(), losses_.flat_slice(0, n_rows));
+  double sum = 0;
+  for (float x : losses) sum += x;
+  return sum;
+}
+
+double LlamaModel::forward_loss(const ModelInputs& in, std::vector<float>* logits) {
+  forward(in, false, 0);
+  if (logits) logits->clear();
+  return head_loss(N_, false, 0.f, logits);
+}
+
+// ---- backward ---------------------------------------------------------------------------------------------
+
+// Given dy = d loss / d y for y = x W^T (+ LoRA parts): dx = dy W (+ LoRA), written (not
+// accumulated) when dx is non-empty; the weight's and adapters' gradients through the ledger.
+void LlamaModel::linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const std::vector<LinearPart>& parts,
+                                 Tensor weight, const std::vector<int>& weight_slots, uint64_t dropout_seed) {
+  if (!dx.empty()) be_.matmul(dx, dy, weight, false, false, 1.f, 0.f);
+  if (opt_.train_base && !weight_slots.empty()) {
+    const ParamSpec& first = *std::find_if(base_.specs.begin(), base_.specs.end(), [&](const ParamSpec& p) {
+      return base_.slot[static_cast<size_t>(&p - base_.specs.data())] == weight_slots.front();
+    });
+    Tensor dw = base_.grad.flat_slice(first.offset, weight.numel()).view({weight.rows(), weight.cols()});
+    ledger_.write(weight_slots, [&](float beta) { be_.matmul(dw, dy, x, true, false, 1.f, beta); });
+  }
+  for (const LinearPart& part : parts) {
+    Tensor dy_part = dy.col_slice(part.col, part.out);
+    Tensor xa = part.xa.row_slice(0, N_);
+    Tensor dxa = dxa_.flat_slice(0, N_ * opt_.lora_r).view({N_, opt_.lora_r});
+    Tensor xin = x;
+    const uint64_t seed = mix_seed(dropout_seed, static_cast<uint64_t>(l), static_cast<uint64_t>(part.module_index));
+    if (opt_.lora_dropout > 0) {
+      xin = drop_scratch_.row_slice(0, N_).col_slice(0, x.cols());
+      be_.dropout(xin, x, opt_.lora_dropout, seed);
+    }
+    be_.matmul(dxa, dy_part, part.b, false, false, opt_.lora_scaling, 0.f);  // s * dy B
+    if (!part.grad_b.empty()) {
+      ledger_.write({part.slot_b}, [&](float beta) {
+        be_.matmul(part.grad_b, dy_part, xa, true, false, opt_.lora_scaling, beta);  // s dy^T xa
+      });
+      ledger_.write({part.slot_a}, [&](float beta) {
+        be_.matmul(part.grad_a, dxa, xin, true, false, 1.f, beta);  // (s dy B)^T drop(x)
+      });
+    }
+    if (dx.empty()) continue;
+    if (opt_.lora_dropout > 0) {
+      Tensor tmp = lora_tmp_.row_slice(0, N_).col_slice(0, dx.cols());
+      be_.matmul(tmp, dxa, part.a, false, false, 1.f, 0.f);
+      be_.dropout(tmp, tmp, opt_.lora_dropout, seed);
+      be_.add(dx, tmp);
+    } else {
+      be_.matmul(dx, dxa, part.a, false, false, 1.f, 1.f);
+    }
+  }
+}
+
+void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
+  const LlamaArch& a = opt_.arch;
+  if (opt_.checkpointing != Checkpointing::off) layer_forward(l, /*recompute=*/true, dropout_seed);
+  LayerActs& A = acts(l);
+  const int64_t N = N_, C = a.hidden_size, F = a.intermediate_size;
+  Tensor x_in = layer_inputs_[static_cast<size_t>(l)].row_slice(0, N);
+  Tensor dres = dres_.row_slice(0, N);
+  Tensor dh = dh_.row_slice(0, N), dgu = dgu_.row_slice(0, N);
+  Tensor dln = dln_.flat_slice(0, N * C).view({N, C});
+  Tensor dqkv = dqkv_.row_slice(0, N), datt = datt_.row_slice(0, N);
+  const bool full = opt_.train_base;
+  auto slots = [&](std::initializer_list<const char*> names) {
+    std::vector<int> s;
+    if (full)
+      for (const char* n : names) s.push_back(base_slot(l, n));
+    return s;
+  };
+  // The inputs of layer 0 need no gradient unless the embedding is trained.
+  const bool need_dx = l > 0 || full;
+
+  // MLP: d = h Wd^T; x_out = x_mid + d.
+  linear_backward(dh, dres, A.h.row_slice(0, N), l, A.down_parts, base_weight(l, "mlp.down_proj.weight"),
+                  slots({"mlp.down_proj.weight"}), dropout_seed);
+  be_.swiglu_backward(dgu.col_slice(0, F), dgu.col_slice(F, F), dh, A.gu.row_slice(0, N).col_slice(0, F),
+                      A.gu.row_slice(0, N).col_slice(F, F));
+  linear_backward(dln, dgu, A.ln2.row_slice(0, N), l, A.gate_up_parts, base_weight(l, "mlp.gate_up"),
+                  slots({"mlp.gate_proj.weight", "mlp.up_proj.weight"}), dropout_seed);
+  auto norm_backward = [&](Tensor x, const char* wname, Tensor rstd) {
+    Tensor dw;
+    if (full) {
+      const ParamSpec* p = base_.find("model.layers." + std::to_string(l) + "." + wname);
+      dw = base_.grad_view(*p);
+      ledger_.write({base_slot(l, wname)}, [&](float beta) {
+        be_.rmsnorm_backward(dres, dw, beta, dln, x, base_weight(l, wname), rstd);
+      });
+    } else {
+      be_.rmsnorm_backward(dres, Tensor(), 0.f, dln, x, base_weight(l, wname), rstd);
+    }
+  };
+  norm_backward(A.x_mid.row_slice(0, N), "post_attention_layernorm.weight", A.rstd2.flat_slice(0, N));
+
+  // Attention: o = att Wo^T; x_mid = x_in + o.
+  linear_backward(datt, dres, A.att.row_slice(0, N), l, A.o_parts, base_weight(l, "self_attn.o_proj.weight"),
+                  slots({"self_attn.o_proj.weight"}), dropout_seed);
+  Tensor qkv = A.qkv.row_slice(0, N);
+  Tensor q = qkv.col_slice(0, a.q_dim()), k = qkv.col_slice(a.q_dim(), a.kv_dim()),
+         v = qkv.col_slice(a.q_dim() + a.kv_dim(), a.kv_dim());
+  Tensor dq = dqkv.col_slice(0, a.q_dim()), dk = dqkv.col_slice(a.q_dim(), a.kv_dim()),
+         dv = dqkv.col_slice(a.q_dim() + a.kv_dim(), a.kv_dim());
+  const AttnShape shape{B_, T_, a.n_heads, a.n_kv_heads, a.head_dim, 1.0f / std::sqrt(static_cast<float>(a.head_dim))};
+  be_.attention_backward(dq, dk, dv, datt, A.att.row_slice(0, N), A.lse.flat_slice(0, B_ * a.n_heads * T_), q, k, v,
+                         have_doc_ids_ ? doc_ids_.flat_slice(0, N) : Tensor(), shape);
+  Tensor pos = positions_.flat_slice(0, N);
+  be_.rope_backward(dq, pos, rope_cos_, rope_sin_, a.head_dim);
+  be_.rope_backward(dk, pos, rope_cos_, rope_sin_, a.head_dim);
+  linear_backward(need_dx ? dln : Tensor(), dqkv, A.ln1.row_slice(0, N), l, A.qkv_parts,
+                  base_weight(l, "self_attn.qkv"), slots({"self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                                          "self_attn.v_proj.weight"}),
+                  dropout_seed);
+  if (need_dx) norm_backward(x_in, "input_layernorm.weight", A.rstd1.flat_slice(0, N));
+}
+
+double LlamaModel::forward_backward(const ModelInputs& in, float grad_scale, uint64_t dropout_seed) {
+  const LlamaArch& a = opt_.arch;
+  forward(in, true, dropout_seed);
+  const double loss = head_loss(N_, true, grad_scale, nullptr);
+  // d ln_final is in dln_; through the final norm into the residual stream's gradient.
+  const int64_t N = N_, C = a.hidden_size;
+  Tensor dres = dres_.row_slice(0, N);
+  be_.fill(dres, 0.f);
+  Tensor dln = dln_.flat_slice(0, N * C).view({N, C});
+  Tensor norm_w = base_weight(-1, "model.norm.weight");
+  if (opt_.train_base) {
+    const ParamSpec* p = base_.find("model.norm.weight");
+    ledger_.write({base_slot(-1, "model.norm.weight")}, [&](float beta) {
+      be_.rmsnorm_backward(dres, base_.grad_view(*p), beta, dln, x_final_.row_slice(0, N), norm_w,
+                           rstd_final_.flat_slice(0, N));
+    });
+  } else {
+    be_.rmsnorm_backward(dres, Tensor(), 0.f, dln, x_final_.row_slice(0, N), norm_w, rstd_final_.flat_slice(0, N));
+  }
+  for (int l = static_cast<int>(a.n_layers) - 1; l >= 0; --l) layer_backward(l, dropout_seed);
+  if (opt_.train_base) {
+    const ParamSpec* p = base_.find("model.embed_tokens.weight");
+    Tensor dtable = as_matrix(base_.grad_view(*p), a.vocab_size, C);
+    ledger_.write({base_slot(-1, "model.embed_tokens.weight")}, [&](float beta) {
+      be_.embedding_backward(dtable, dres, tokens_.flat_slice(0, N), beta);
+    });
+  }
+  return loss;
+}
+
+}  // namespace ranktune

@@ -1,0 +1,252 @@
+// The model on the CPU path: gradients against finite differences, checkpointing bitwise equal to
+// no checkpointing, gradient accumulation, and the gradient ledger's exactly-once invariants.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "ranktune/backend.h"
+#include "ranktune/model.h"
+
+using namespace ranktune;
+
+namespace {
+
+LlamaArch tiny_arch(bool tied) {
+  LlamaArch a;
+  a.vocab_size = 37;
+  a.hidden_size = 24;
+  a.intermediate_size = 40;
+  a.n_layers = 2;
+  a.n_heads = 4;
+  a.n_kv_heads = 2;
+  a.head_dim = 6;
+  a.rms_norm_eps = 1e-5;
+  a.rope_theta = 10000;
+  a.max_position_embeddings = 64;
+  a.tie_word_embeddings = tied;
+  return a;
+}
+
+ModelOptions options(bool lora, Checkpointing ckpt, bool tied = false) {
+  ModelOptions o;
+  o.arch = tiny_arch(tied);
+  o.lora = lora;
+  o.train_base = !lora;
+  o.lora_r = 3;
+  o.lora_scaling = 2.0f;
+  o.lora_targets = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  o.checkpointing = ckpt;
+  o.max_batch = 2;
+  o.max_seq = 9;
+  o.loss_chunk_rows = 7;  // several chunks, one partial
+  return o;
+}
+
+struct Data {
+  std::vector<int32_t> tokens, targets, positions;
+  ModelInputs in(int64_t b = 2) const {
+    return ModelInputs{b, 9, tokens.data(), targets.data(), positions.data(), nullptr};
+  }
+  int64_t counted() const {
+    int64_t n = 0;
+    for (int32_t t : targets) n += t != -100;
+    return n;
+  }
+};
+
+Data make_data(uint32_t seed) {
+  std::mt19937 rng(seed);
+  Data d;
+  for (int b = 0; b < 2; ++b)
+    for (int t = 0; t < 9; ++t) {
+      d.tokens.push_back(static_cast<int32_t>(rng() % 37));
+      d.positions.push_back(t);
+    }
+  for (int b = 0; b < 2; ++b)
+    for (int t = 0; t < 9; ++t) {
+      const bool last = t == 8, masked = b == 0 && t < 3;
+      d.targets.push_back(last || masked ? -100 : d.tokens[static_cast<size_t>(b * 9 + t + 1)]);
+    }
+  return d;
+}
+
+void randomize(LlamaModel& m, uint64_t seed) {
+  m.init_base_random(seed);
+  if (m.has_lora()) {
+    m.init_lora(seed + 1);
+    std::mt19937 rng(static_cast<uint32_t>(seed));
+    std::normal_distribution<float> n(0.f, 0.2f);
+    for (const auto& p : m.lora().specs) {  // B != 0, so that A gets a gradient
+      if (p.name.find("lora_B") == std::string::npos) continue;
+      std::vector<float> w(static_cast<size_t>(p.numel));
+      for (auto& x : w) x = n(rng);
+      m.set_tensor(p.name, w);
+    }
+  }
+}
+
+double step(LlamaModel& m, const Data& d) {
+  m.ledger().begin_step(1);
+  m.ledger().begin_micro(0);
+  const double loss = m.forward_backward(d.in(), 1.0f / static_cast<float>(d.counted()), 7);
+  m.ledger().end_micro();
+  m.ledger().end_step();
+  return loss / static_cast<double>(d.counted());
+}
+
+double loss_only(LlamaModel& m, const Data& d) { return m.forward_loss(d.in()) / static_cast<double>(d.counted()); }
+
+void finite_difference_check(bool lora, bool tied, const std::vector<std::string>& names) {
+  auto backend = make_cpu_backend();
+  LlamaModel m(*backend, options(lora, Checkpointing::off, tied));
+  randomize(m, 11);
+  Data d = make_data(3);
+  step(m, d);
+  for (const auto& name : names) {
+    std::vector<float> w = m.get_tensor(name), g = m.get_grad(name);
+    std::mt19937 rng(5);
+    for (int trial = 0; trial < 4; ++trial) {
+      const size_t i = rng() % w.size();
+      const float h = 1e-2f * std::max(1.0f, std::fabs(w[i]));
+      std::vector<float> wp = w, wm = w;
+      wp[i] += h;
+      wm[i] -= h;
+      m.set_tensor(name, wp);
+      const double lp = loss_only(m, d);
+      m.set_tensor(name, wm);
+      const double lm = loss_only(m, d);
+      m.set_tensor(name, w);
+      const double fd = (lp - lm) / (2.0 * h);
+      EXPECT_NEAR(g[i], fd, 2e-3 + 2e-2 * std::fabs(fd)) << name << "[" << i << "]";
+    }
+  }
+}
+
+}  // namespace
+
+TEST(Model, LoraGradientsMatchFiniteDifferences) {
+  finite_difference_check(true, false,
+                          {"model.layers.0.self_attn.q_proj.lora_A.weight", "model.layers.0.self_attn.k_proj.lora_B.weight",
+                           "model.layers.1.self_attn.v_proj.lora_A.weight", "model.layers.1.self_attn.o_proj.lora_B.weight",
+                           "model.layers.0.mlp.gate_proj.lora_A.weight", "model.layers.1.mlp.up_proj.lora_B.weight",
+                           "model.layers.0.mlp.down_proj.lora_A.weight"});
+}
+
+TEST(Model, FullGradientsMatchFiniteDifferences) {
+  finite_difference_check(false, true,
+                          {"model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
+                           "model.layers.0.self_attn.k_proj.weight", "model.layers.1.self_attn.o_proj.weight",
+                           "model.layers.1.post_attention_layernorm.weight", "model.layers.0.mlp.down_proj.weight",
+                           "model.norm.weight"});
+  finite_difference_check(false, false, {"lm_head.weight", "model.embed_tokens.weight"});
+}
+
+TEST(Model, CheckpointingIsBitwiseIdentical) {
+  for (bool lora : {true, false}) {
+    auto backend = make_cpu_backend();
+    LlamaModel off(*backend, options(lora, Checkpointing::off));
+    LlamaModel on(*backend, options(lora, Checkpointing::on));
+    randomize(off, 4);
+    randomize(on, 4);
+    Data d = make_data(9);
+    const double l_off = step(off, d), l_on = step(on, d);
+    EXPECT_EQ(l_off, l_on);
+    for (const auto& p : off.trainable().specs) {
+      std::vector<float> a = off.get_grad(p.name), b = on.get_grad(p.name);
+      ASSERT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * 4)) << p.name << (lora ? " (lora)" : " (full)");
+    }
+  }
+}
+
+TEST(Model, AccumulationOverMicroBatchesMatchesOneBatch) {
+  auto backend = make_cpu_backend();
+  LlamaModel m(*backend, options(true, Checkpointing::on));
+  randomize(m, 8);
+  Data d = make_data(21);
+  step(m, d);
+  std::vector<float> g_one = m.get_grad("model.layers.1.mlp.down_proj.lora_A.weight");
+  // The same rows as two micro-batches of one sequence each, scaled by the step's token count.
+  m.ledger().begin_step(2);
+  for (int micro = 0; micro < 2; ++micro) {
+    m.ledger().begin_micro(micro);
+    Data part;
+    part.tokens.assign(d.tokens.begin() + micro * 9, d.tokens.begin() + micro * 9 + 9);
+    part.targets.assign(d.targets.begin() + micro * 9, d.targets.begin() + micro * 9 + 9);
+    part.positions.assign(d.positions.begin() + micro * 9, d.positions.begin() + micro * 9 + 9);
+    m.forward_backward(part.in(1), 1.0f / static_cast<float>(d.counted()), 7);
+    m.ledger().end_micro();
+  }
+  m.ledger().end_step();
+  std::vector<float> g_acc = m.get_grad("model.layers.1.mlp.down_proj.lora_A.weight");
+  double num = 0, den = 0;
+  for (size_t i = 0; i < g_one.size(); ++i) num += std::pow(g_one[i] - g_acc[i], 2), den += std::pow(g_one[i], 2);
+  EXPECT_LT(std::sqrt(num / den), 1e-5);
+}
+
+TEST(Model, EverySlotWrittenOncePerMicroBatchAndEveryBucketReducedOncePerStep) {
+  for (Checkpointing ckpt : {Checkpointing::off, Checkpointing::on}) {
+    for (bool lora : {true, false}) {
+      auto backend = make_cpu_backend();
+      LlamaModel m(*backend, options(lora, ckpt, /*tied=*/!lora));
+      randomize(m, 2);
+      std::vector<int> ready_order;
+      m.ledger().on_bucket_ready = [&](int b) { ready_order.push_back(b); };
+      Data d = make_data(1);
+      const int micro = 3;
+      m.ledger().begin_step(micro);
+      for (int k = 0; k < micro; ++k) {
+        m.ledger().begin_micro(k);
+        m.forward_backward(d.in(), 0.01f, 1);
+        m.ledger().end_micro();
+        if (k < micro - 1) EXPECT_TRUE(ready_order.empty()) << "a bucket was reduced before the last micro-batch";
+      }
+      m.ledger().end_step();
+      for (size_t s = 0; s < m.ledger().n_slots(); ++s) {
+        const int per_micro = (!lora && s == 0) ? 2 : 1;  // the tied embedding: lookup and head
+        EXPECT_EQ(m.ledger().writes(static_cast<int>(s)), micro * per_micro);
+      }
+      ASSERT_EQ(static_cast<int>(ready_order.size()), m.ledger().n_buckets());
+      for (int b = 0; b < m.ledger().n_buckets(); ++b) EXPECT_EQ(m.ledger().reductions(b), 1);
+      // Layers become ready in backward order: the last layer's bucket first; with full fine-tuning
+      // the embedding/norm/head bucket (2) completes last, with the embedding lookup's gradient.
+      EXPECT_EQ(ready_order.front(), 1);
+      if (!lora) EXPECT_EQ(ready_order.back(), 2);
+    }
+  }
+}
+
+TEST(LedgerDeathTest, WritingASlotTwiceAborts) {
+  GradLedger ledger;
+  const int s = ledger.add_slot("w", 1, 0);
+  ledger.begin_step(1);
+  ledger.begin_micro(0);
+  ledger.write({s}, [](float) {});
+  EXPECT_DEATH(ledger.write({s}, [](float) {}), "written more often than declared");
+}
+
+TEST(LedgerDeathTest, MissingWriteIsCaught) {
+  GradLedger ledger;
+  ledger.add_slot("w", 1, 0);
+  ledger.add_slot("v", 1, 0);
+  ledger.begin_step(1);
+  ledger.begin_micro(0);
+  ledger.write({0}, [](float) {});
+  EXPECT_DEATH(ledger.end_micro(), "slot v written 0 times");
+}
+
+TEST(Ledger, BetaIsZeroOnlyForTheFirstWriteOfAStep) {
+  GradLedger ledger;
+  const int s = ledger.add_slot("w", 2, 0);
+  std::vector<float> betas;
+  ledger.begin_step(2);
+  for (int k = 0; k < 2; ++k) {
+    ledger.begin_micro(k);
+    ledger.write({s}, [&](float b) { betas.push_back(b); });
+    ledger.write({s}, [&](float b) { betas.push_back(b); });
+    ledger.end_micro();
+  }
+  ledger.end_step();
+  EXPECT_EQ(betas, (std::vector<float>{0.f, 1.f, 1.f, 1.f}));
+}
