@@ -11,7 +11,7 @@ bool wants_help(const Args& args) {
 
 ConfigArgs parse_config_args(const Args& args, const std::string& command,
                              const std::vector<std::string>& flags_with_value,
-                             const std::vector<std::string>& bare_flags) {
+                             const std::vector<std::string>& bare_flags, size_t max_positionals) {
   ConfigArgs out;
   auto has = [](const std::vector<std::string>& v, const std::string& s) {
     return std::find(v.begin(), v.end(), s) != v.end();
@@ -34,6 +34,8 @@ ConfigArgs parse_config_args(const Args& args, const std::string& command,
       throw UserError("ranktune " + command + ": unknown option " + a + " (see ranktune " + command + " --help)");
     } else if (out.config_path.empty()) {
       out.config_path = a;
+    } else if (1 + out.more_positionals.size() < max_positionals) {
+      out.more_positionals.push_back(a);
     } else {
       throw UserError("ranktune " + command + ": unexpected argument '" + a + "'");
     }

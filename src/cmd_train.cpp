@@ -1,23 +1,103 @@
-// `ranktune train`, `eval`, `prep`, `generate`: thin wrappers that parse arguments and hand over to
-// the trainer (src/trainer.cpp).
+// `ranktune train`, `eval`, `generate` and `prep`: argument parsing, then the trainer
+// (src/trainer.cpp) or the data preparation (src/dataset.cpp).
 #include <cstdio>
+#include <string>
 
 #include "ranktune/cli.h"
 #include "ranktune/config.h"
+#include "ranktune/dataset.h"
 #include "ranktune/error.h"
+#include "ranktune/tokenizer.h"
+#include "ranktune/trainer.h"
 
 namespace ranktune {
 
-int cmd_train(const Args& args, const LaunchInfo& li) {
-  ConfigArgs ca = parse_config_args(args, "train", {"--resume"}, {});
-  RT_REQUIRE(!ca.config_path.empty(), "ranktune train: give a run config, e.g. ranktune train jobs/configs/quickstart.yaml");
-  RunConfig cfg = load_run_config(ca.config_path, ca.overrides);
-  (void)li;
-  return 0;
+namespace {
+
+std::string flag(const ConfigArgs& ca, const std::string& name, const std::string& fallback) {
+  for (size_t i = 0; i + 1 < ca.flags.size(); i += 2)
+    if (ca.flags[i] == name) return ca.flags[i + 1];
+  return fallback;
+}
+bool has_flag(const ConfigArgs& ca, const std::string& name) {
+  for (size_t i = 0; i < ca.flags.size(); i += 2)
+    if (ca.flags[i] == name) return true;
+  return false;
+}
+int64_t int_flag(const ConfigArgs& ca, const std::string& name, int64_t fallback) {
+  const std::string v = flag(ca, name, "");
+  if (v.empty()) return fallback;
+  try {
+    size_t used = 0;
+    const long long x = std::stoll(v, &used);
+    if (used == v.size() && x > 0) return x;
+  } catch (const std::logic_error&) {
+  }
+  throw UserError(name + " = '" + v + "' is not a positive whole number");
 }
 
-int cmd_eval(const Args&, const LaunchInfo&) { return 0; }
-int cmd_prep(const Args&, const LaunchInfo&) { return 0; }
-int cmd_generate(const Args&, const LaunchInfo&) { return 0; }
+}  // namespace
+
+int cmd_train(const Args& args, const LaunchInfo& li) {
+  if (wants_help(args)) {
+    std::puts("usage: ranktune train CONFIG [--set section.key=value]...\n\n"
+              "Fine-tunes as the run config says (jobs/configs/reference.yaml lists every key). Writes the\n"
+              "resolved config, metrics.jsonl and the LoRA adapter (PEFT format) under training.output_dir.\n"
+              "Several ranks: mpirun -np N ranktune train CONFIG --set model.enable_multi_gpu=true");
+    return 0;
+  }
+  ConfigArgs ca = parse_config_args(args, "train", {}, {});
+  RT_REQUIRE(!ca.config_path.empty(), "ranktune train: give a run config, e.g. ranktune train jobs/configs/quickstart.yaml");
+  return run_train(load_run_config(ca.config_path, ca.overrides), li);
+}
+
+int cmd_eval(const Args& args, const LaunchInfo& li) {
+  if (wants_help(args)) {
+    std::puts("usage: ranktune eval CONFIG [--set section.key=value]...\n\n"
+              "Prints one JSON line with the mean loss and token count of the configured model (+ lora.adapter_path)\n"
+              "on data.eval_file (else data.train_file).");
+    return 0;
+  }
+  ConfigArgs ca = parse_config_args(args, "eval", {}, {});
+  RT_REQUIRE(!ca.config_path.empty(), "ranktune eval: give a run config");
+  return run_eval(load_run_config(ca.config_path, ca.overrides), li);
+}
+
+int cmd_generate(const Args& args, const LaunchInfo& li) {
+  if (wants_help(args)) {
+    std::puts("usage: ranktune generate CONFIG --prompt TEXT [--max-new-tokens N] [--set section.key=value]...\n\n"
+              "Greedy continuation of TEXT by the configured model (+ lora.adapter_path).");
+    return 0;
+  }
+  ConfigArgs ca = parse_config_args(args, "generate", {"--prompt", "--max-new-tokens"}, {});
+  RT_REQUIRE(!ca.config_path.empty(), "ranktune generate: give a run config");
+  RT_REQUIRE(has_flag(ca, "--prompt"), "ranktune generate: give --prompt TEXT");
+  return run_generate(load_run_config(ca.config_path, ca.overrides), li, flag(ca, "--prompt", ""),
+                      int_flag(ca, "--max-new-tokens", 32));
+}
+
+int cmd_prep(const Args& args, const LaunchInfo& li) {
+  if (wants_help(args)) {
+    std::puts("usage: ranktune prep INPUT.jsonl OUTPUT.h5 [--tokenizer byte|PATH] [--format auto|text|prompt_completion|alpaca|messages]\n"
+              "                     [--max-seq-length N] [--packing] [--all-tokens]\n\n"
+              "Tokenizes JSONL records into an HDF5 token dataset (input_ids, labels, offsets; the tokenizer's hash\n"
+              "and vocab size as attributes). --all-tokens trains on prompts too (train_on_responses_only off).");
+    return 0;
+  }
+  ConfigArgs ca = parse_config_args(args, "prep", {"--tokenizer", "--format", "--max-seq-length"},
+                                    {"--packing", "--all-tokens"}, 2);
+  RT_REQUIRE(ca.more_positionals.size() == 1, "ranktune prep: give INPUT.jsonl and OUTPUT.h5");
+  const std::string input = ca.config_path, output = ca.more_positionals[0];
+  if (li.rank != 0) return 0;
+  auto tok = load_tokenizer(flag(ca, "--tokenizer", "byte"));
+  PrepOptions po{input, output, *tok};
+  po.format = flag(ca, "--format", "auto");
+  po.max_seq_length = int_flag(ca, "--max-seq-length", 2048);
+  po.packing = has_flag(ca, "--packing");
+  po.train_on_responses_only = !has_flag(ca, "--all-tokens");
+  PrepSummary s = prep_dataset(po);
+  std::printf("%s\n", s.report().c_str());
+  return 0;
+}
 
 }  // namespace ranktune

@@ -22,10 +22,11 @@ struct ConfigArgs {
   std::string config_path;
   std::vector<std::string> overrides;
   std::vector<std::string> flags;  // other --flags, in order, with their values
+  std::vector<std::string> more_positionals;  // positional arguments after the first
 };
 ConfigArgs parse_config_args(const Args& args, const std::string& command,
                              const std::vector<std::string>& flags_with_value,
-                             const std::vector<std::string>& bare_flags);
+                             const std::vector<std::string>& bare_flags, size_t max_positionals = 1);
 bool wants_help(const Args& args);
 
 }  // namespace ranktune
