@@ -18,19 +18,26 @@ int cmd_env(const Args& args, const LaunchInfo& li) {
     return 0;
   }
   ConfigArgs ca = parse_config_args(args, "env", {}, {});
+  RunConfig cfg;
+  std::string source = "(defaults)";
   if (ca.config_path.empty()) {
     // Without a config: the default placement, data parallel when several ranks run.
-    RunConfig cfg;
     cfg.model.device_map = "sequential";
     cfg.model.enable_multi_gpu = li.world_size > 1;
-    Placement p = place_rank(cfg, li, "(defaults)");
-    auto report = env_report(li, &p);
-    if (li.rank == 0) std::cout << report.dump(2) << std::endl;
-    return 0;
+  } else {
+    cfg = load_run_config(ca.config_path, ca.overrides);
+    source = ca.config_path;
   }
-  RunConfig cfg = load_run_config(ca.config_path, ca.overrides);
-  Placement p = place_rank(cfg, li, ca.config_path);
-  auto report = env_report(li, &p);
+  // env is the diagnostic: a placement that training would refuse is reported, not fatal.
+  std::string placement_error;
+  Placement p;
+  try {
+    p = place_rank(cfg, li, source);
+  } catch (const UserError& e) {
+    placement_error = e.what();
+  }
+  auto report = env_report(li, placement_error.empty() ? &p : nullptr);
+  if (!placement_error.empty()) report["placement_error"] = placement_error;
   if (li.rank == 0) std::cout << report.dump(2) << std::endl;
   return 0;
 }
