@@ -53,8 +53,9 @@ and needs no network: models are built from configs, never downloaded. Regenerat
     python3 tools/make_fixtures.py --out /tmp/fixtures   # elsewhere
 
 Regenerating gives byte-identical files (transformers 4.57 gives the same tensors; its config.json
-uses rope_theta/rope_scaling where 5.x writes rope_parameters). The script reloads each saved case from disk (from_pretrained on the local directory,
-PeftModel.from_pretrained for adapters) and checks that the loss is reproduced.
+uses rope_theta/rope_scaling where 5.x writes rope_parameters). The script reloads each saved case
+from disk (from_pretrained on the local directory, PeftModel.from_pretrained for adapters) and
+checks that the loss is reproduced.
 """
 
 import argparse
