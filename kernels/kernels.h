@@ -27,6 +27,11 @@ void copy_bf16(bf16* dst, int64_t ld_dst, const bf16* src, int64_t ld_src, int64
                int64_t cols, cudaStream_t s);
 void scale_f32(float* x, int64_t n, float s_, cudaStream_t s);
 void scale_bf16(bf16* x, int64_t n, float s_, cudaStream_t s);
+// y += x over 2-D strided views (Backend::add).
+void add_f32(float* y, int64_t ld_y, const float* x, int64_t ld_x, int64_t rows, int64_t cols,
+             cudaStream_t s);
+void add_bf16(bf16* y, int64_t ld_y, const bf16* x, int64_t ld_x, int64_t rows, int64_t cols,
+              cudaStream_t s);
 // Deterministic sum of squares in double: per-block partials then one block reduces them.
 // scratch holds at least sum_squares_scratch_elems() doubles; result written to *out (device).
 int64_t sum_squares_scratch_elems();
