@@ -134,3 +134,17 @@ TEST(Cli, EnvReportsTheSetUp) {
   EXPECT_EQ(j["ranks"].get<int>(), 1);
   EXPECT_EQ(j["per_rank"].size(), 1u);
 }
+
+// The README's first command trains this: it must reach a held-out exact-match accuracy far above
+// chance (a random guess of a 1-3 digit answer is right well under 1% of the time).
+TEST(Cli, QuickstartReachesItsAccuracy) {
+  const std::string dir = temp_dir("quickstart");
+  CliRun r = run("train jobs/configs/quickstart.yaml --set training.output_dir=" + dir);
+  ASSERT_EQ(r.code, 0) << r.output;
+  std::ifstream in(dir + "/accuracy.json");
+  ASSERT_TRUE(in.good()) << r.output;
+  nlohmann::json acc = nlohmann::json::parse(in);
+  EXPECT_EQ(acc["total"].get<int>(), 500);
+  EXPECT_GE(acc["exact_match"].get<double>(), 0.9) << r.output;
+  std::printf("quickstart: %s\n", acc.dump().c_str());
+}
