@@ -292,8 +292,10 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li) {
   // Data.
   const std::string train_h5 = prepared_data(cfg, *s.tokenizer, li, cfg.data.train_file, "train");
   TokenDataset train_data = TokenDataset::open(train_h5, s.arch.vocab_size);
-  RT_REQUIRE(train_data.tokenizer_hash() == s.tokenizer->hash() || train_data.tokenizer_kind() == s.tokenizer->kind(),
-             train_h5 + ": prepared with another tokenizer (" + train_data.tokenizer_kind() + "); re-run ranktune prep");
+  RT_REQUIRE(train_data.tokenizer_hash() == s.tokenizer->hash(),
+             train_h5 + ": prepared with another tokenizer (" + train_data.tokenizer_kind() + ", hash " +
+                 train_data.tokenizer_hash() + ") than the model's (" + s.tokenizer->kind() + ", hash " + s.tokenizer->hash() +
+                 "): re-run ranktune prep with the model's tokenizer");
   std::vector<int64_t> train_rows = train_data.all_rows(), eval_rows;
   std::unique_ptr<TokenDataset> eval_data;
   if (!cfg.data.eval_file.empty()) {
@@ -330,7 +332,8 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li) {
     std::printf("ranktune %s | %s\n", RANKTUNE_VERSION, s.placement.notice.empty() ? s.backend->name().c_str() : s.placement.notice.c_str());
     if (li.world_size > 1)
       std::printf("Multi-GPU training enabled: %d ranks x 1 %s, data parallel over %s\n", li.world_size,
-                  s.placement.use_gpu ? "GPU" : "CPU", s.placement.use_gpu ? "NCCL" : "MPI");
+                  s.placement.use_gpu ? "GPU" : "CPU",
+                  s.placement.use_gpu ? ("NCCL " + li.nccl_version).c_str() : ("MPI (" + li.mpi_version + ")").c_str());
     if (!s.placement.unused_gpus_hint.empty()) std::printf("note: %s\n", s.placement.unused_gpus_hint.c_str());
     std::printf("model: %lld layers, hidden %lld, heads %lld/%lld kv, vocab %lld | parameters %.2fM, trainable %.3fM (%.2f%%)%s\n",
                 (long long)s.arch.n_layers, (long long)s.arch.hidden_size, (long long)s.arch.n_heads,
