@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <array>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -125,6 +126,18 @@ TEST(Cli, SameSeedGivesTheSameMetrics) {
   // The resolved config is written with the run.
   EXPECT_TRUE(fs::exists(dir + "/a/config.yaml"));
   EXPECT_TRUE(fs::exists(dir + "/a/adapter/adapter_model.safetensors"));
+}
+
+TEST(Cli, EvalPrintsOneJsonLine) {
+  const std::string dir = temp_dir("eval");
+  const std::string cfg = write_config(dir, kTinyConfig);
+  CliRun r = run("eval " + cfg + " --set training.output_dir=" + dir + "/out --set data.eval_file=jobs/data/quickstart/eval.jsonl"
+                 " 2>/dev/null | grep '^{'");
+  ASSERT_EQ(r.code, 0) << r.output;
+  auto j = nlohmann::json::parse(r.output);
+  EXPECT_GT(j["tokens"].get<int64_t>(), 1000);
+  // An untrained model is near uniform over the 262 byte-tokenizer ids.
+  EXPECT_NEAR(j["loss"].get<double>(), std::log(262.0), 0.5);
 }
 
 TEST(Cli, EnvReportsTheSetUp) {
