@@ -20,6 +20,7 @@
 #include "ranktune/backend.h"
 #include "ranktune/dataset.h"
 #include "ranktune/error.h"
+#include "ranktune/generate.h"
 #include "ranktune/model.h"
 #include "ranktune/optimizer.h"
 #include "ranktune/tokenizer.h"
@@ -69,46 +70,33 @@ std::string prepared_data(const RunConfig& cfg, const Tokenizer& tok, const Laun
 }
 
 // Gradient reduction over ranks. The CPU path sums fp32 gradient buckets with MPI_Allreduce as the
-// ledger reports them ready (during backward, in backward order).
+// ledger reports them ready (during backward, in backward order). A bucket is a layer's tensors, or
+// the embedding, final norm and head; it is reduced as the runs of adjacent tensors it holds.
 class GradReducer {
  public:
-  GradReducer(const LaunchInfo& li, Backend& be, ParamGroup& params) : world_(li.world_size), be_(be) {
+  GradReducer(const LaunchInfo& li, Backend& be, ParamGroup& params, int n_layers) : world_(li.world_size) {
     if (world_ == 1) return;
     RT_REQUIRE(be.device() == Device::cpu,
                "data parallel over several ranks runs on the CPU path in this build; multi-GPU data parallel "
                "(NCCL) is not built yet: run one rank per job on the GPU, or set model.device_map: cpu");
-    // Bucket b covers the contiguous gradient range of its tensors.
-    for (size_t i = 0; i < params.specs.size(); ++i) {
-      const ParamSpec& p = params.specs[i];
-      const int b = p.layer >= 0 ? p.layer : -1;
-      ranges_[b].first = ranges_.count(b) ? std::min(ranges_[b].first, p.offset) : p.offset;
-      ranges_[b].second = std::max(ranges_[b].second, p.offset + p.numel);
+    runs_.resize(static_cast<size_t>(n_layers + 1));
+    for (const ParamSpec& p : params.specs) {
+      auto& runs = runs_[static_cast<size_t>(p.layer >= 0 ? p.layer : n_layers)];
+      if (!runs.empty() && runs.back().first + runs.back().second == p.offset) runs.back().second += p.numel;
+      else runs.push_back({p.offset, p.numel});
     }
     grad_ = params.grad;
   }
-  bool active() const { return world_ > 1; }
-  void reduce_bucket(int bucket, int n_layers) {
+  void reduce_bucket(int bucket) {
     if (world_ == 1) return;
-    const int key = bucket >= n_layers ? -1 : bucket;
-    // The global bucket (embedding, final norm, head) is not contiguous in the base layout: reduce
-    // its tensors one by one.
-    if (key == -1) {
-      for (auto& [k, r] : ranges_)
-        if (k == -1) allreduce(r.first, r.second - r.first);
-      return;
-    }
-    auto it = ranges_.find(key);
-    if (it != ranges_.end()) allreduce(it->second.first, it->second.second - it->second.first);
+    for (const auto& [offset, n] : runs_[static_cast<size_t>(bucket)])
+      MPI_Allreduce(MPI_IN_PLACE, grad_.ptr<float>() + offset, static_cast<int>(n), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
   }
 
  private:
-  void allreduce(int64_t offset, int64_t n) {
-    MPI_Allreduce(MPI_IN_PLACE, grad_.ptr<float>() + offset, static_cast<int>(n), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
-  }
   int world_;
-  Backend& be_;
   Tensor grad_;
-  std::map<int, std::pair<int64_t, int64_t>> ranges_;
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> runs_;  // per bucket: (offset, numel) runs
 };
 
 double allreduce_sum(double x) {
@@ -204,42 +192,6 @@ std::pair<double, int64_t> evaluate(LlamaModel& model, const TokenDataset& data,
   return {total_tokens ? total_loss / static_cast<double>(total_tokens) : 0.0, total_tokens};
 }
 
-// Greedy decoding of a batch of prompts, one full forward per new token (the model is small when
-// this runs: the quickstart's held-out accuracy). Returns the generated ids per prompt.
-std::vector<std::vector<int32_t>> greedy_generate(LlamaModel& model, std::vector<std::vector<int32_t>> prompts,
-                                                  int64_t max_new, const std::vector<int32_t>& stop_ids) {
-  const int64_t B = model.options().max_batch, T = model.options().max_seq, V = model.arch().vocab_size;
-  std::vector<std::vector<int32_t>> out(prompts.size());
-  for (size_t start = 0; start < prompts.size(); start += static_cast<size_t>(B)) {
-    const size_t n = std::min(prompts.size() - start, static_cast<size_t>(B));
-    std::vector<bool> done(n, false);
-    for (int64_t k = 0; k < max_new; ++k) {
-      std::vector<int32_t> tokens(static_cast<size_t>(B * T), 0), targets(tokens.size(), -100), positions(tokens.size());
-      for (int64_t i = 0; i < B * T; ++i) positions[static_cast<size_t>(i)] = static_cast<int32_t>(i % T);
-      bool any = false;
-      for (size_t i = 0; i < n; ++i) {
-        const auto& p = prompts[start + i];
-        if (done[i] || static_cast<int64_t>(p.size()) >= T) { done[i] = true; continue; }
-        any = true;
-        std::copy(p.begin(), p.end(), tokens.begin() + static_cast<int64_t>(i) * T);
-      }
-      if (!any) break;
-      std::vector<float> logits;
-      model.forward_loss(ModelInputs{B, T, tokens.data(), targets.data(), positions.data(), nullptr}, &logits);
-      for (size_t i = 0; i < n; ++i) {
-        if (done[i]) continue;
-        auto& p = prompts[start + i];
-        const float* row = logits.data() + (static_cast<int64_t>(i) * T + static_cast<int64_t>(p.size()) - 1) * V;
-        const int32_t next = static_cast<int32_t>(std::max_element(row, row + V) - row);
-        if (std::find(stop_ids.begin(), stop_ids.end(), next) != stop_ids.end()) { done[i] = true; continue; }
-        p.push_back(next);
-        out[start + i].push_back(next);
-      }
-    }
-  }
-  return out;
-}
-
 // Exact-match accuracy of greedy completions on a prompt/completion JSONL file.
 std::pair<int64_t, int64_t> exact_match(LlamaModel& model, const Tokenizer& tok, const std::string& jsonl) {
   std::ifstream in(jsonl);
@@ -262,7 +214,10 @@ std::pair<int64_t, int64_t> exact_match(LlamaModel& model, const Tokenizer& tok,
   }
   int64_t max_new = 0;
   for (const auto& a : answers) max_new = std::max<int64_t>(max_new, static_cast<int64_t>(tok.encode(a).size()) + 1);
-  auto gen = greedy_generate(model, prompts, max_new, stop);
+  SamplingOptions greedy;
+  greedy.max_new_tokens = max_new;
+  greedy.stop_ids = stop;
+  auto gen = generate(model, prompts, greedy);
   int64_t correct = 0;
   for (size_t i = 0; i < gen.size(); ++i) correct += tok.decode(gen[i]) == answers[i];
   return {correct, static_cast<int64_t>(answers.size())};
@@ -322,8 +277,8 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li) {
 
   ParamGroup& params = model.trainable();
   Optimizer opt(*s.backend, params, tc);
-  GradReducer reducer(li, *s.backend, params);
-  model.ledger().on_bucket_ready = [&](int bucket) { reducer.reduce_bucket(bucket, static_cast<int>(s.arch.n_layers)); };
+  GradReducer reducer(li, *s.backend, params, static_cast<int>(s.arch.n_layers));
+  model.ledger().on_bucket_ready = [&](int bucket) { reducer.reduce_bucket(bucket); };
 
   const double fpt = flops_per_token(s.arch, !cfg.lora.enabled, T);
   const double peak = peak_flops(s.backend->name());
@@ -489,16 +444,21 @@ int run_eval(const RunConfig& cfg, const LaunchInfo& li) {
   return 0;
 }
 
-int run_generate(const RunConfig& cfg, const LaunchInfo& li, const std::string& prompt, int64_t max_new_tokens) {
+int run_generate(const RunConfig& cfg, const LaunchInfo& li, const std::string& prompt, int64_t max_new_tokens,
+                 double temperature, double top_p, uint64_t seed) {
   Session s = open_session(cfg, li, 1);
   std::vector<int32_t> ids;
   if (auto bos = s.tokenizer->token_id("<|begin_of_text|>")) ids.push_back(*bos);
   auto p = s.tokenizer->encode(prompt);
   ids.insert(ids.end(), p.begin(), p.end());
+  RT_REQUIRE(!ids.empty(), "ranktune generate: --prompt is empty and the tokenizer adds no <|begin_of_text|>: give some text");
+  RT_REQUIRE(static_cast<int64_t>(ids.size()) < cfg.model.max_seq_length,
+             "ranktune generate: the prompt has " + std::to_string(ids.size()) + " tokens, which fills model.max_seq_length (" +
+                 std::to_string(cfg.model.max_seq_length) + "): shorten it or raise --set model.max_seq_length=N");
   std::vector<int32_t> stop;
   for (const char* t : {"<|end_of_text|>", "<|eot_id|>"})
     if (auto id = s.tokenizer->token_id(t)) stop.push_back(*id);
-  auto out = greedy_generate(*s.model, {ids}, max_new_tokens, stop);
+  auto out = generate(*s.model, {ids}, SamplingOptions{max_new_tokens, temperature, top_p, seed, stop});
   if (li.rank == 0) std::printf("%s%s\n", prompt.c_str(), s.tokenizer->decode(out[0]).c_str());
   return 0;
 }
