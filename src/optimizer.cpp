@@ -82,4 +82,45 @@ void Optimizer::step(double lr, float grad_scale) {
   }
 }
 
+OptimizerState Optimizer::state() const {
+  OptimizerState s;
+  s.kind = kind_;
+  s.step = step_;
+  const auto get = [&](auto& host, const Tensor& t) {
+    host.resize(static_cast<size_t>(t.numel()));
+    be_.download(host.data(), t);
+  };
+  if (kind_ == "adamw_8bit") {
+    get(s.m_codes, m_);
+    get(s.v_codes, v_);
+    get(s.m_absmax, m_absmax_);
+    get(s.v_absmax, v_absmax_);
+  } else {
+    get(s.m, m_);
+    get(s.v, v_);
+  }
+  return s;
+}
+
+void Optimizer::restore(const OptimizerState& s, const std::string& source) {
+  RT_REQUIRE(s.kind == kind_, source + ": the checkpoint's optimizer is " + s.kind + ", this run's training.optim is " +
+                                  kind_ + ": resume with the same optimizer");
+  const auto put = [&](const auto& host, const Tensor& t, const char* what) {
+    RT_REQUIRE(static_cast<int64_t>(host.size()) == t.numel(),
+               source + ": optimizer state " + what + " has " + std::to_string(host.size()) + " values, this model needs " +
+                   std::to_string(t.numel()) + ": resume with the same model and LoRA settings");
+    be_.upload(t, host.data());
+  };
+  if (kind_ == "adamw_8bit") {
+    put(s.m_codes, m_, "m_codes");
+    put(s.v_codes, v_, "v_codes");
+    put(s.m_absmax, m_absmax_, "m_absmax");
+    put(s.v_absmax, v_absmax_, "v_absmax");
+  } else {
+    put(s.m, m_, "m");
+    put(s.v, v_, "v");
+  }
+  step_ = s.step;
+}
+
 }  // namespace ranktune

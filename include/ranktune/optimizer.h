@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "ranktune/backend.h"
 #include "ranktune/config.h"
@@ -14,6 +15,16 @@ namespace ranktune {
 double learning_rate_at(int64_t step, int64_t total_steps, int64_t warmup_steps, double peak,
                         const std::string& schedule);
 
+// The optimizer's states in host memory (checkpoints): fp32 m and v, flat in parameter order, or
+// for adamw_8bit the u8 codes and per-block absmax (each tensor padded to whole blocks).
+struct OptimizerState {
+  std::string kind;
+  int64_t step = 0;
+  std::vector<float> m, v;
+  std::vector<uint8_t> m_codes, v_codes;
+  std::vector<float> m_absmax, v_absmax;
+};
+
 class Optimizer {
  public:
   Optimizer(Backend& backend, ParamGroup& params, const TrainingSection& cfg);
@@ -22,6 +33,9 @@ class Optimizer {
   int64_t steps_taken() const { return step_; }
   int64_t state_bytes() const { return state_bytes_; }
   const std::string& kind() const { return kind_; }
+  OptimizerState state() const;
+  // UserError when the state is of another kind or size (another optimizer or model shape).
+  void restore(const OptimizerState& state, const std::string& source);
 
  private:
   Backend& be_;
