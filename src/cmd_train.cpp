@@ -1,4 +1,4 @@
-// `ranktune train`, `eval`, `generate` and `prep`: argument parsing, then the trainer
+// `ranktune train`, `eval`, `generate`, `prep` and `export`: argument parsing, then the trainer
 // (src/trainer.cpp) or the data preparation (src/dataset.cpp).
 #include <cstdio>
 #include <string>
@@ -40,15 +40,29 @@ int64_t int_flag(const ConfigArgs& ca, const std::string& name, int64_t fallback
 
 int cmd_train(const Args& args, const LaunchInfo& li) {
   if (wants_help(args)) {
-    std::puts("usage: ranktune train CONFIG [--set section.key=value]...\n\n"
+    std::puts("usage: ranktune train CONFIG [--resume [latest|PATH]] [--set section.key=value]...\n\n"
               "Fine-tunes as the run config says (jobs/configs/reference.yaml lists every key). Writes the\n"
-              "resolved config, metrics.jsonl and the LoRA adapter (PEFT format) under training.output_dir.\n"
+              "resolved config, metrics.jsonl, checkpoints (every checkpoint.save_steps and at the end, under\n"
+              "checkpoints/) and the LoRA adapter (PEFT format) under training.output_dir.\n"
+              "--resume latest continues from the newest valid checkpoint there (from step 0 when there is none),\n"
+              "--resume PATH from that checkpoint file. SIGUSR1, SIGTERM or SIGINT stop after the current step,\n"
+              "save a checkpoint and exit with code 75 (requeue); a second SIGINT exits at once.\n"
               "Several ranks: mpirun -np N ranktune train CONFIG --set model.enable_multi_gpu=true");
     return 0;
   }
-  ConfigArgs ca = parse_config_args(args, "train", {}, {});
+  // --resume takes an optional value: latest when the next argument is absent or another option.
+  Args rest;
+  std::string resume;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] != "--resume") {
+      rest.push_back(args[i]);
+      continue;
+    }
+    resume = i + 1 < args.size() && args[i + 1].rfind("-", 0) != 0 ? args[++i] : "latest";
+  }
+  ConfigArgs ca = parse_config_args(rest, "train", {}, {});
   RT_REQUIRE(!ca.config_path.empty(), "ranktune train: give a run config, e.g. ranktune train jobs/configs/quickstart.yaml");
-  return run_train(load_run_config(ca.config_path, ca.overrides), li);
+  return run_train(load_run_config(ca.config_path, ca.overrides), li, resume);
 }
 
 int cmd_eval(const Args& args, const LaunchInfo& li) {
@@ -98,6 +112,26 @@ int cmd_prep(const Args& args, const LaunchInfo& li) {
   PrepSummary s = prep_dataset(po);
   std::printf("%s\n", s.report().c_str());
   return 0;
+}
+
+int cmd_export(const Args& args, const LaunchInfo& li) {
+  if (wants_help(args)) {
+    std::puts("usage: ranktune export CONFIG [--checkpoint latest|PATH] --format peft|merged --output DIR\n"
+              "                       [--set section.key=value]...\n\n"
+              "Writes a training checkpoint (default: the newest valid one in training.output_dir/checkpoints) as\n"
+              "peft:   a PEFT adapter directory (adapter_config.json, adapter_model.safetensors) for the base model;\n"
+              "merged: an HF model directory (config.json, model.safetensors in bf16) with the LoRA updates merged\n"
+              "        into the base weights (W + scaling * B A), or the fully fine-tuned weights.");
+    return 0;
+  }
+  ConfigArgs ca = parse_config_args(args, "export", {"--checkpoint", "--format", "--output"}, {});
+  RT_REQUIRE(!ca.config_path.empty(), "give the run config the checkpoint was trained with");
+  const std::string format = flag(ca, "--format", "");
+  RT_REQUIRE(format == "peft" || format == "merged",
+             "--format must be peft or merged" + (format.empty() ? std::string() : ", got '" + format + "'"));
+  RT_REQUIRE(!flag(ca, "--output", "").empty(), "give --output DIR");
+  return run_export(load_run_config(ca.config_path, ca.overrides), li, flag(ca, "--checkpoint", "latest"), format,
+                    flag(ca, "--output", ""));
 }
 
 }  // namespace ranktune

@@ -19,6 +19,8 @@ const char* kUsage =
     "  train CONFIG [--set section.key=value]...   fine-tune as the run config says\n"
     "  eval CONFIG [--set ...]                     mean loss of the configured model on its data (one JSON line)\n"
     "  generate CONFIG --prompt TEXT [...]         sample from the model (+ adapter)\n"
+    "  export CONFIG --format peft|merged --output DIR [--checkpoint latest|PATH]\n"
+    "                                              a checkpoint as a PEFT adapter or a merged HF model\n"
     "  prep INPUT.jsonl OUTPUT.h5 [...]            tokenize JSONL records into an HDF5 token dataset\n"
     "  env [CONFIG]                                the detected ranks, GPUs and versions as JSON\n"
     "  config --reference | CONFIG                 print every key with its default, or the resolved config\n"
@@ -39,7 +41,8 @@ int main(int argc, char** argv) {
   }
   const std::map<std::string, int (*)(const Args&, const LaunchInfo&)> commands = {
       {"train", cmd_train}, {"eval", cmd_eval}, {"env", cmd_env},
-      {"config", cmd_config}, {"prep", cmd_prep}, {"generate", cmd_generate}};
+      {"config", cmd_config}, {"prep", cmd_prep}, {"generate", cmd_generate},
+      {"export", cmd_export}};
   const std::string name = argv[1];
   auto it = commands.find(name);
   if (it == commands.end()) {
@@ -67,6 +70,7 @@ int main(int argc, char** argv) {
   std::fflush(stderr);
   int world = 1;
   MPI_Comm_size(MPI_COMM_WORLD, &world);
-  if (code != 0 && world > 1) MPI_Abort(MPI_COMM_WORLD, code);  // never leave other ranks hanging
+  // Never leave other ranks hanging; a requeue exit is agreed by every rank, so they end together.
+  if (code != 0 && code != kExitRequeue && world > 1) MPI_Abort(MPI_COMM_WORLD, code);
   return code;
 }

@@ -7,22 +7,29 @@
 #include <mpi.h>
 #include <unistd.h>
 
+#include <array>
 #include <chrono>
+#include <csignal>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <memory>
+#include <optional>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "ranktune/backend.h"
+#include "ranktune/checkpoint.h"
 #include "ranktune/dataset.h"
 #include "ranktune/error.h"
 #include "ranktune/generate.h"
+#include "ranktune/hf_config.h"
 #include "ranktune/model.h"
 #include "ranktune/optimizer.h"
+#include "ranktune/safetensors.h"
 #include "ranktune/tokenizer.h"
 #include "ranktune/weights.h"
 
@@ -171,6 +178,66 @@ Session open_session(const RunConfig& cfg, const LaunchInfo& li, int64_t max_bat
   return s;
 }
 
+// Preemption: SIGUSR1 and SIGTERM (Slurm's warning and kill signals) and SIGINT ask the step loop
+// to stop after the current step and save; a second SIGINT exits at once. The handlers live while
+// the loop runs and the previous ones come back after.
+volatile std::sig_atomic_t g_stop_signal = 0;
+
+extern "C" void on_stop_signal(int sig) {
+  if (sig == SIGINT && g_stop_signal == SIGINT) {
+    const char msg[] = "\nranktune: second interrupt: exiting without saving\n";
+    ssize_t ignored = write(2, msg, sizeof msg - 1);
+    (void)ignored;
+    _exit(130);
+  }
+  g_stop_signal = sig;
+}
+
+class StopSignals {
+ public:
+  StopSignals() {
+    g_stop_signal = 0;
+    struct sigaction sa {};
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    for (size_t i = 0; i < kSignals.size(); ++i) sigaction(kSignals[i], &sa, &previous_[i]);
+  }
+  ~StopSignals() {
+    for (size_t i = 0; i < kSignals.size(); ++i) sigaction(kSignals[i], &previous_[i], nullptr);
+  }
+  StopSignals(const StopSignals&) = delete;
+  StopSignals& operator=(const StopSignals&) = delete;
+  // The signal that asked to stop, agreed over ranks (the largest number any rank got), or 0.
+  static int agreed(int world_size) {
+    int local = g_stop_signal, any = local;
+    if (world_size > 1) MPI_Allreduce(&local, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    return any;
+  }
+
+ private:
+  static constexpr std::array<int, 3> kSignals{SIGUSR1, SIGTERM, SIGINT};
+  std::array<struct sigaction, 3> previous_{};
+};
+
+const char* signal_name(int sig) {
+  return sig == SIGUSR1 ? "SIGUSR1" : sig == SIGTERM ? "SIGTERM" : sig == SIGINT ? "SIGINT" : "a signal";
+}
+
+// On resume, metrics.jsonl keeps the lines up to the checkpoint's step (a run killed after its last
+// checkpoint may have logged steps that the continued run logs again).
+void trim_metrics(const std::string& path, int64_t step) {
+  std::ifstream in(path);
+  std::string kept, line;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (!j.is_discarded() && j.contains("step") && j["step"].is_number_integer() && j["step"].get<int64_t>() <= step)
+      kept += line + "\n";
+  }
+  in.close();
+  std::ofstream(path, std::ios::trunc) << kept;
+}
+
 ModelInputs inputs_of(const Batch& b) {
   return ModelInputs{b.batch_size, b.seq_len, b.input_ids.data(), b.targets.data(), b.positions.data(),
                      b.doc_ids.empty() ? nullptr : b.doc_ids.data()};
@@ -225,18 +292,25 @@ std::pair<int64_t, int64_t> exact_match(LlamaModel& model, const Tokenizer& tok,
 
 }  // namespace
 
-int run_train(const RunConfig& cfg, const LaunchInfo& li) {
+int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& resume) {
   const auto t_start = Clock::now();
   const bool root = li.rank == 0;
   const TrainingSection& tc = cfg.training;
   const int64_t B = tc.per_device_train_batch_size, T = cfg.model.max_seq_length;
   RT_REQUIRE(!cfg.data.train_file.empty(), cfg.source + ": data.train_file is not set");
+  // From here on a stop signal is kept for the end of the first (or current) step.
+  StopSignals stop_signals;
 
   // Output directory first: an unwritable one is reported before any work.
   std::error_code ec;
   fs::create_directories(tc.output_dir, ec);
   RT_REQUIRE(!ec && access(tc.output_dir.c_str(), W_OK) == 0,
              cfg.source + ": training.output_dir = " + tc.output_dir + " cannot be written: choose another directory");
+
+  const std::string ckpt_dir = tc.output_dir + "/checkpoints";
+  fs::create_directories(ckpt_dir, ec);
+  RT_REQUIRE(!ec && access(ckpt_dir.c_str(), W_OK) == 0,
+             cfg.source + ": " + ckpt_dir + " cannot be written: choose another training.output_dir");
 
   Session s = open_session(cfg, li, B);
   LlamaModel& model = *s.model;
@@ -280,6 +354,63 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li) {
   GradReducer reducer(li, *s.backend, params, static_cast<int>(s.arch.n_layers));
   model.ledger().on_bucket_ready = [&](int bucket) { reducer.reduce_bucket(bucket); };
 
+  // A checkpoint holds the fp32 masters and the optimizer's states; there must be room for two
+  // (the new one is complete before the oldest goes).
+  const int64_t ckpt_bytes = params.numel * 4 + opt.state_bytes() + (1 << 20);
+  const auto space = fs::space(ckpt_dir, ec);
+  RT_REQUIRE(ec || space.available >= static_cast<uintmax_t>(2 * ckpt_bytes),
+             ckpt_dir + ": " + std::to_string(space.available >> 20) + " MiB free, a checkpoint needs " +
+                 std::to_string(ckpt_bytes >> 20) + " MiB and two must fit: free some space or choose another training.output_dir");
+
+  // Resume: weights, optimizer states, data position and the step loop's counters.
+  TrainProgress progress;
+  const int64_t global_batch = B * accum * li.world_size;
+  if (!resume.empty()) {
+    std::vector<std::string> skipped;
+    std::optional<CheckpointData> ck = find_resume_checkpoint(resume, ckpt_dir, &skipped);
+    if (root)
+      for (const auto& m : skipped) std::printf("resume: %s\n", m.c_str());
+    if (!ck) {
+      if (root) std::printf("resume: no checkpoint in %s yet: starting from step 0\n", ckpt_dir.c_str());
+    } else {
+      RT_REQUIRE(ck->tokenizer_hash == s.tokenizer->hash(),
+                 ck->path + ": saved with another tokenizer (hash " + ck->tokenizer_hash + ") than this run's (" +
+                     s.tokenizer->hash() + "): resume with the same model.tokenizer");
+      RT_REQUIRE(ck->progress.global_batch == global_batch,
+                 ck->path + ": saved by a run with " + std::to_string(ck->progress.global_batch) +
+                     " sequences per step (per_device_train_batch_size x gradient_accumulation_steps x ranks), this run has " +
+                     std::to_string(global_batch) + " (" + std::to_string(B) + " x " + std::to_string(accum) + " x " +
+                     std::to_string(li.world_size) + "): choose a batch size and accumulation that give " +
+                     std::to_string(ck->progress.global_batch) + " on " + std::to_string(li.world_size) + " ranks");
+      if (root && (ck->progress.total_steps != total_steps || ck->progress.warmup_steps != warmup))
+        std::printf("resume: note: the checkpoint's schedule has %lld steps (%lld warmup), this run's config %lld (%lld): "
+                    "the learning rate follows this run's\n",
+                    (long long)ck->progress.total_steps, (long long)ck->progress.warmup_steps, (long long)total_steps,
+                    (long long)warmup);
+      RT_REQUIRE(ck->progress.step <= total_steps,
+                 ck->path + ": taken at step " + std::to_string(ck->progress.step) + ", beyond this run's " +
+                     std::to_string(total_steps) + " steps: raise training.max_steps to continue it");
+      restore_weights(model, *ck);
+      opt.restore(ck->optimizer, ck->path);
+      loader.restore(ck->progress.loader);
+      progress = ck->progress;
+      if (root)
+        std::printf("resumed from %s at step %lld%s\n", ck->path.c_str(), (long long)progress.step,
+                    progress.world_size != li.world_size
+                        ? (" (saved on " + std::to_string(progress.world_size) + " ranks, continuing on " +
+                           std::to_string(li.world_size) + ")").c_str()
+                        : "");
+    }
+  } else if (root) {
+    // A fresh run: checkpoints of an earlier run in the same directory would be taken for this one's.
+    const auto old = list_checkpoints(ckpt_dir);
+    for (const auto& path : old) fs::remove(path, ec);
+    if (!old.empty())
+      std::printf("note: removed %zu checkpoints of an earlier run from %s (--resume latest continues a run)\n",
+                  old.size(), ckpt_dir.c_str());
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+
   const double fpt = flops_per_token(s.arch, !cfg.lora.enabled, T);
   const double peak = peak_flops(s.backend->name());
   if (root) {
@@ -307,15 +438,51 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li) {
   }
 
   std::ofstream metrics;
-  if (root) metrics.open(tc.output_dir + "/metrics.jsonl", std::ios::trunc);
+  const std::string metrics_path = tc.output_dir + "/metrics.jsonl";
+  if (root) {
+    if (progress.step > 0) trim_metrics(metrics_path, progress.step);
+    metrics.open(metrics_path, progress.step > 0 ? std::ios::app : std::ios::trunc);
+  }
   const bool tty = root && (cfg.logging.progress_bar == "true" || (cfg.logging.progress_bar == "auto" && isatty(1)));
   const auto t_train = Clock::now();
   auto t_log = t_train;
-  int64_t tokens_since_log = 0, tokens_total = 0, bad_in_row = 0;
-  double loss_since_log = 0;
-  int64_t steps_since_log = 0;
+  int64_t tokens_since_log = 0, tokens_total = progress.tokens_total, bad_in_row = progress.bad_steps_in_row;
+  double loss_since_log = progress.loss_since_log;
+  int64_t steps_since_log = progress.steps_since_log, skipped_since_log = progress.skipped_since_log;
+  int64_t saved_step = progress.step > 0 ? progress.step : -1;
+  const int64_t first_step = progress.step;
 
-  for (int64_t step = 0; step < total_steps; ++step) {
+  // Rank 0 writes (every rank holds the same trainable state after the all-reduce).
+  const auto save = [&](int64_t steps_done) {
+    if (root) {
+      TrainProgress p;
+      p.step = steps_done;
+      p.optimizer_steps = opt.steps_taken();
+      p.total_steps = total_steps;
+      p.warmup_steps = warmup;
+      p.epoch = static_cast<double>(steps_done) / static_cast<double>(steps_per_epoch);
+      p.global_batch = global_batch;
+      p.world_size = li.world_size;
+      p.bad_steps_in_row = bad_in_row;
+      p.tokens_total = tokens_total;
+      p.loss_since_log = loss_since_log;
+      p.steps_since_log = steps_since_log;
+      p.skipped_since_log = skipped_since_log;
+      p.loader = loader.state();
+      const std::string path = ckpt_dir + "/" + checkpoint_file_name(steps_done);
+      save_checkpoint(path, model, opt, p, cfg.to_yaml(), s.tokenizer->hash());
+      const auto removed = prune_checkpoints(ckpt_dir, cfg.checkpoint.save_total_limit);
+      std::printf("%ssaved checkpoint %s%s\n", tty ? "\r" : "", path.c_str(),
+                  removed.empty() ? "" : (" (removed " + std::to_string(removed.size()) + " older)").c_str());
+      std::fflush(stdout);
+    }
+    saved_step = steps_done;
+    MPI_Barrier(MPI_COMM_WORLD);
+  };
+  const int64_t fault_nan_step = fault_value("nan_loss_at_step"), fault_signal_step = fault_value("sigusr1_at_step");
+
+  for (int64_t step = first_step; step < total_steps; ++step) {
+    if (step + 1 == fault_signal_step) std::raise(SIGUSR1);
     // All micro-batches of the step first: the loss is the mean over every target token of the step.
     std::vector<Batch> micro;
     int64_t local_tokens = 0;
@@ -324,7 +491,9 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li) {
       local_tokens += micro.back().n_target_tokens;
     }
     const double step_tokens = allreduce_sum(static_cast<double>(local_tokens));
-    const float grad_scale = step_tokens > 0 ? static_cast<float>(1.0 / step_tokens) : 0.f;
+    float grad_scale = step_tokens > 0 ? static_cast<float>(1.0 / step_tokens) : 0.f;
+    // Test hook: a NaN step (loss and every gradient), as a diverging run produces.
+    if (step + 1 == fault_nan_step) grad_scale = std::numeric_limits<float>::quiet_NaN();
     double loss_sum = 0;
     model.ledger().begin_step(static_cast<int>(accum));
     for (int64_t k = 0; k < accum; ++k) {
@@ -335,10 +504,13 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li) {
       model.ledger().end_micro();
     }
     model.ledger().end_step();
-    const double loss = step_tokens > 0 ? allreduce_sum(loss_sum) / step_tokens : 0.0;
+    double loss = step_tokens > 0 ? allreduce_sum(loss_sum) / step_tokens : 0.0;
+    if (step + 1 == fault_nan_step) loss = std::numeric_limits<double>::quiet_NaN();
     const double grad_norm = std::sqrt(s.backend->sum_squares(params.grad));
     const double lr = learning_rate_at(step, total_steps, warmup, tc.learning_rate, tc.lr_scheduler_type);
     const bool finite = std::isfinite(loss) && std::isfinite(grad_norm);
+    // A skipped step leaves no trace: the next step's first micro-batch overwrites every gradient
+    // (the ledger's beta = 0 writes do not read the old values), and weights and states are untouched.
     if (finite) {
       bad_in_row = 0;
       const float clip = tc.max_grad_norm > 0 && grad_norm > tc.max_grad_norm
@@ -356,6 +528,7 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li) {
     tokens_since_log += static_cast<int64_t>(step_tokens);
     tokens_total += static_cast<int64_t>(step_tokens);
     if (finite) loss_since_log += loss, ++steps_since_log;
+    else ++skipped_since_log;
 
     const bool last = step + 1 == total_steps;
     const bool log_now = (step + 1) % cfg.logging.logging_steps == 0 || last;
@@ -396,14 +569,29 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li) {
                           {"mem_gib", mem},
                           {"elapsed_s", elapsed}};
       if (!std::isnan(eval_loss)) j["eval_loss"] = eval_loss;
+      if (skipped_since_log > 0) j["skipped_steps"] = skipped_since_log;
       metrics << j.dump() << "\n";
       metrics.flush();
       t_log = now;
       tokens_since_log = 0;
       loss_since_log = 0;
       steps_since_log = 0;
+      skipped_since_log = 0;
+    }
+
+    const int stop = StopSignals::agreed(li.world_size);
+    if (last || stop || (cfg.checkpoint.save_steps > 0 && (step + 1) % cfg.checkpoint.save_steps == 0)) save(step + 1);
+    if (stop && !last) {
+      if (root) {
+        std::printf("%s received: stopped after step %lld/%lld and saved its checkpoint; exiting with code %d so the "
+                    "job is requeued (continue with the same command and --resume latest)\n",
+                    signal_name(stop), (long long)step + 1, (long long)total_steps, kExitRequeue);
+        std::fflush(stdout);
+      }
+      return kExitRequeue;
     }
   }
+  if (saved_step != total_steps) save(total_steps);
 
   if (root && model.has_lora()) {
     save_peft_adapter(model, cfg, tc.output_dir + "/adapter");
@@ -441,6 +629,79 @@ int run_eval(const RunConfig& cfg, const LaunchInfo& li) {
     std::printf("%s\n", nlohmann::json{{"loss", loss}, {"tokens", tokens}, {"file", file}, {"device", s.backend->name()}}
                             .dump()
                             .c_str());
+  return 0;
+}
+
+int run_export(const RunConfig& run_cfg, const LaunchInfo& li, const std::string& checkpoint, const std::string& format,
+               const std::string& output_dir) {
+  if (li.rank != 0) return 0;
+  RT_REQUIRE(format == "merged" || run_cfg.lora.enabled,
+             run_cfg.source + ": --format peft needs a LoRA run (lora.enabled: true); use --format merged for full fine-tuning");
+  // On the CPU path the model holds fp32 weights, so the adapter is written with the checkpoint's
+  // fp32 masters exactly and the merge rounds to bf16 once.
+  RunConfig cfg = run_cfg;
+  cfg.model.device_map = "cpu";
+  Session s = open_session(cfg, li, 1);
+  LlamaModel& model = *s.model;
+  const std::string ckpt_dir = cfg.training.output_dir + "/checkpoints";
+  std::vector<std::string> skipped;
+  std::optional<CheckpointData> ck = find_resume_checkpoint(checkpoint, ckpt_dir, &skipped);
+  for (const auto& m : skipped) std::fprintf(stderr, "export: %s\n", m.c_str());
+  RT_REQUIRE(ck.has_value(), "no checkpoint in " + ckpt_dir + ": train first, or give --checkpoint PATH");
+  RT_REQUIRE(ck->tokenizer_hash == s.tokenizer->hash(),
+             ck->path + ": saved with another tokenizer (hash " + ck->tokenizer_hash + ") than this config's (" +
+                 s.tokenizer->hash() + "): export with the run's config");
+  restore_weights(model, *ck);
+
+  if (format == "peft") {
+    save_peft_adapter(model, cfg, output_dir);
+    std::printf("exported %s (step %lld) as a PEFT adapter to %s\n", ck->path.c_str(), (long long)ck->progress.step,
+                output_dir.c_str());
+    return 0;
+  }
+  // Merged: W + scaling * B A for every LoRA target, in double, then rounded once to bf16.
+  fs::create_directories(output_dir);
+  const double scaling = model.options().lora_scaling;
+  SafetensorsWriter w;
+  for (const ParamSpec& p : model.base().specs) {
+    std::vector<float> weight = model.get_tensor(p.name);
+    const std::string prefix = p.name.substr(0, p.name.size() - std::string(".weight").size());
+    if (model.has_lora() && model.lora().find(prefix + ".lora_A.weight")) {
+      const ParamSpec& a_spec = *model.lora().find(prefix + ".lora_A.weight");
+      const std::vector<float> a = model.get_tensor(prefix + ".lora_A.weight"), b = model.get_tensor(prefix + ".lora_B.weight");
+      const int64_t r = a_spec.shape[0], in = a_spec.shape[1], out = p.shape[0];
+      RT_ASSERT(p.shape.size() == 2 && p.shape[1] == in, "LoRA shape of " + p.name);
+#pragma omp parallel for
+      for (int64_t o = 0; o < out; ++o)
+        for (int64_t i = 0; i < in; ++i) {
+          double delta = 0;
+          for (int64_t k = 0; k < r; ++k)
+            delta += static_cast<double>(b[static_cast<size_t>(o * r + k)]) * static_cast<double>(a[static_cast<size_t>(k * in + i)]);
+          float& x = weight[static_cast<size_t>(o * in + i)];
+          x = static_cast<float>(static_cast<double>(x) + scaling * delta);
+        }
+    }
+    std::vector<uint16_t> bf(weight.size());
+    for (size_t i = 0; i < weight.size(); ++i) bf[i] = f32_to_bf16(weight[i]);
+    w.add_bf16(p.name, p.shape, bf);
+  }
+  w.set_metadata("format", "pt");
+  w.write(output_dir + "/model.safetensors");
+  HfLlamaConfig hc;
+  const std::string base_config = cfg.model.name_or_path + "/config.json";
+  if (!cfg.model.name_or_path.empty() && fs::exists(base_config)) hc = read_hf_config(base_config);
+  hc.arch = s.arch;
+  hc.torch_dtype = "bfloat16";
+  write_hf_config(output_dir + "/config.json", hc);
+  // The base model's tokenizer files travel along, so the directory loads as it is.
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"}) {
+    const std::string from = cfg.model.name_or_path + "/" + f;
+    std::error_code ec;
+    if (!cfg.model.name_or_path.empty() && fs::exists(from))
+      fs::copy_file(from, output_dir + "/" + f, fs::copy_options::overwrite_existing, ec);
+  }
+  std::printf("exported %s (step %lld) as a merged bf16 HF model to %s\n", ck->path.c_str(), (long long)ck->progress.step,
+              output_dir.c_str());
   return 0;
 }
 

@@ -16,6 +16,7 @@ int cmd_train(const Args& args, const LaunchInfo& li);
 int cmd_eval(const Args& args, const LaunchInfo& li);
 int cmd_prep(const Args& args, const LaunchInfo& li);
 int cmd_generate(const Args& args, const LaunchInfo& li);
+int cmd_export(const Args& args, const LaunchInfo& li);
 
 // Shared argument handling: `CONFIG [--set section.key=value]...` plus the named flags.
 struct ConfigArgs {

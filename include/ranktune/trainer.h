@@ -8,7 +8,14 @@
 
 namespace ranktune {
 
-int run_train(const RunConfig& cfg, const LaunchInfo& li);
+// `resume`: "" (a fresh run), "latest" (the newest valid checkpoint in output_dir/checkpoints, or
+// a fresh run when there is none) or a checkpoint file or directory. Returns 0, or kExitRequeue
+// after a stop signal (the checkpoint of the last finished step saved).
+int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& resume = "");
+// `ranktune export`: a checkpoint ("latest" or a path) as a PEFT adapter directory (format "peft")
+// or an HF model directory with the LoRA updates merged into bf16 weights (format "merged").
+int run_export(const RunConfig& cfg, const LaunchInfo& li, const std::string& checkpoint, const std::string& format,
+               const std::string& output_dir);
 // `ranktune eval`: one JSON line {"loss", "tokens", ...} for the configured model (+ adapter) on
 // the eval data (data.eval_file, else data.train_file).
 int run_eval(const RunConfig& cfg, const LaunchInfo& li);
