@@ -92,6 +92,14 @@ void attention_backward(bf16* dq, int64_t ld_dq, bf16* dk, int64_t ld_dk, bf16* 
                         const bf16* dout, int64_t ld_dout, const bf16* out, int64_t ld_out,
                         const float* lse, const AttnArgs& a, void* scratch, cudaStream_t s);
 
+// ---- decode.cu (one query per sequence against a KV cache) ---------------------------------------
+// q/out [batch, n_heads*head_dim] with row strides ld_q/ld_out; k_cache/v_cache contiguous
+// [batch, max_len, n_kv_heads*head_dim]; keys 0..n_keys-1 of each sequence are attended to.
+void attention_decode(bf16* out, int64_t ld_out, const bf16* q, int64_t ld_q, const bf16* k_cache,
+                      const bf16* v_cache, int64_t batch, int64_t max_len, int64_t n_keys,
+                      int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float scale,
+                      cudaStream_t s);
+
 // ---- adamw.cu ------------------------------------------------------------------------------------
 void adamw_step(float* master, bf16* compute, const float* grad, float* m, float* v, int64_t n,
                 const AdamWParams& p, cudaStream_t s);

@@ -1,5 +1,8 @@
 // `ranktune train`, `eval`, `generate`, `prep` and `export`: argument parsing, then the trainer
 // (src/trainer.cpp) or the data preparation (src/dataset.cpp).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <string>
 
@@ -79,15 +82,47 @@ int cmd_eval(const Args& args, const LaunchInfo& li) {
 
 int cmd_generate(const Args& args, const LaunchInfo& li) {
   if (wants_help(args)) {
-    std::puts("usage: ranktune generate CONFIG --prompt TEXT [--max-new-tokens N] [--set section.key=value]...\n\n"
-              "Greedy continuation of TEXT by the configured model (+ lora.adapter_path).");
+    std::puts("usage: ranktune generate CONFIG --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P]\n"
+              "                         [--seed S] [--set section.key=value]...\n\n"
+              "Continues TEXT with the configured model (+ lora.adapter_path), decoding with a KV cache. Each new\n"
+              "token is drawn from softmax(logits / T), restricted to the most probable tokens whose probabilities\n"
+              "add up to P (nucleus sampling), by a random stream seeded with S: the same seed gives the same text.\n"
+              "--temperature 0 decodes greedily. Generation stops at <|end_of_text|> or <|eot_id|>, after N tokens,\n"
+              "or when the text fills model.max_seq_length.\n"
+              "Defaults: --max-new-tokens 32 --temperature 0.7 --top-p 0.9 --seed 0.");
     return 0;
   }
-  ConfigArgs ca = parse_config_args(args, "generate", {"--prompt", "--max-new-tokens"}, {});
+  ConfigArgs ca = parse_config_args(args, "generate",
+                                    {"--prompt", "--max-new-tokens", "--temperature", "--top-p", "--seed"}, {});
   RT_REQUIRE(!ca.config_path.empty(), "ranktune generate: give a run config");
   RT_REQUIRE(has_flag(ca, "--prompt"), "ranktune generate: give --prompt TEXT");
+  const auto real_flag = [&](const std::string& name, double fallback) {
+    const std::string v = flag(ca, name, "");
+    if (v.empty()) return fallback;
+    try {
+      size_t used = 0;
+      const double x = std::stod(v, &used);
+      if (used == v.size()) return x;
+    } catch (const std::logic_error&) {
+    }
+    throw UserError(name + " = '" + v + "' is not a number");
+  };
+  const double temperature = real_flag("--temperature", 0.7), top_p = real_flag("--top-p", 0.9);
+  RT_REQUIRE(std::isfinite(temperature) && temperature >= 0,
+             "--temperature must be 0 (greedy) or positive, got " + flag(ca, "--temperature", ""));
+  RT_REQUIRE(top_p > 0 && top_p <= 1, "--top-p must be in (0, 1], got " + flag(ca, "--top-p", ""));
+  const std::string seed_text = flag(ca, "--seed", "0");
+  bool seed_ok = !seed_text.empty() &&
+                 std::all_of(seed_text.begin(), seed_text.end(), [](char c) { return c >= '0' && c <= '9'; });
+  uint64_t seed = 0;
+  try {
+    if (seed_ok) seed = std::stoull(seed_text);
+  } catch (const std::out_of_range&) {
+    seed_ok = false;
+  }
+  RT_REQUIRE(seed_ok, "--seed = '" + seed_text + "' is not a whole number in 0..2^64-1");
   return run_generate(load_run_config(ca.config_path, ca.overrides), li, flag(ca, "--prompt", ""),
-                      int_flag(ca, "--max-new-tokens", 32));
+                      int_flag(ca, "--max-new-tokens", 32), temperature, top_p, seed);
 }
 
 int cmd_prep(const Args& args, const LaunchInfo& li) {

@@ -508,6 +508,62 @@ class CpuBackend final : public Backend {
     }
   }
 
+  // One query row per sequence over its cached keys 0..n_keys-1: the same math as
+  // attention_forward for the last query of a sequence, reading keys from the cache.
+  void attention_decode(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, int64_t n_keys,
+                        const AttnShape& shape) override {
+    const int64_t B = shape.batch, max_len = shape.seq_len, H = shape.n_heads,
+                  Hkv = shape.n_kv_heads, D = shape.head_dim;
+    RT_ASSERT(B > 0 && D > 0 && Hkv > 0 && H % Hkv == 0,
+              "attention_decode shape: " + std::to_string(H) + " heads over " +
+                  std::to_string(Hkv) + " kv heads");
+    RT_ASSERT(n_keys >= 1 && n_keys <= max_len,
+              "attention_decode: " + std::to_string(n_keys) + " keys in a cache of " +
+                  std::to_string(max_len));
+    check_tensor(q, DType::f32, "attention_decode q");
+    check_tensor(out, DType::f32, "attention_decode out");
+    check_tensor(k_cache, DType::f32, "attention_decode k_cache");
+    check_tensor(v_cache, DType::f32, "attention_decode v_cache");
+    RT_ASSERT(q.rows() == B && q.cols() == H * D, "attention_decode q " + q.describe());
+    RT_ASSERT(out.rows() == B && out.cols() == H * D, "attention_decode out " + out.describe());
+    const int64_t kv_ld = Hkv * D;
+    for (const Tensor* cache : {&k_cache, &v_cache})
+      RT_ASSERT(cache->contiguous() && cache->numel() == B * max_len * kv_ld,
+                "attention_decode cache " + cache->describe() + " is not [" + std::to_string(B) +
+                    ", " + std::to_string(max_len) + ", " + std::to_string(kv_ld) + "]");
+    const int64_t group = H / Hkv;
+    const double scale = shape.scale;
+#pragma omp parallel
+    {
+      std::vector<double> scores(static_cast<size_t>(n_keys));
+      std::vector<double> acc(static_cast<size_t>(D));
+#pragma omp for collapse(2) schedule(static)
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t h = 0; h < H; ++h) {
+          const float* q_row = row_ptr<float>(q, b) + h * D;
+          const int64_t head_offset = b * max_len * kv_ld + (h / group) * D;
+          const float* k_head = k_cache.ptr<float>() + head_offset;
+          const float* v_head = v_cache.ptr<float>() + head_offset;
+          double max_score = -std::numeric_limits<double>::infinity();
+          for (int64_t j = 0; j < n_keys; ++j) {
+            scores[j] = scale * dot(q_row, k_head + j * kv_ld, D);
+            max_score = std::max(max_score, scores[j]);
+          }
+          double denom = 0.0;
+          std::fill(acc.begin(), acc.end(), 0.0);
+          for (int64_t j = 0; j < n_keys; ++j) {
+            const double weight = std::exp(scores[j] - max_score);
+            denom += weight;
+            const float* v_row = v_head + j * kv_ld;
+            for (int64_t d = 0; d < D; ++d) acc[d] += weight * v_row[d];
+          }
+          float* out_row = row_ptr<float>(out, b) + h * D;
+          for (int64_t d = 0; d < D; ++d) out_row[d] = static_cast<float>(acc[d] / denom);
+        }
+      }
+    }
+  }
+
   // With P = exp(S - lse), dP = dO V^T, Delta_t = dO_t . O_t:  dS = P * (dP - Delta),
   // dQ = scale * dS K, dK = scale * dS^T Q, dV = P^T dO (summed over the heads sharing a kv head).
   // dq is computed per query row and dk/dv per key row, recomputing P in each pass, so that every

@@ -469,6 +469,22 @@ class CudaBackend final : public Backend {
                                 lse.ptr<float>(), args, scratch, stream());
   }
 
+  void attention_decode(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, int64_t n_keys,
+                        const AttnShape& shape) override {
+    const int64_t q_cols = shape.n_heads * shape.head_dim;
+    const int64_t cache_numel = shape.batch * shape.seq_len * shape.n_kv_heads * shape.head_dim;
+    RT_ASSERT(shape.n_kv_heads > 0 && shape.n_heads % shape.n_kv_heads == 0,
+              "attention_decode shape: " + std::to_string(shape.n_heads) + " heads over " +
+                  std::to_string(shape.n_kv_heads) + " kv heads");
+    check_matrix(q, DType::bf16, shape.batch, q_cols, "attention_decode q");
+    check_matrix(out, DType::bf16, shape.batch, q_cols, "attention_decode out");
+    check_contiguous(k_cache, DType::bf16, cache_numel, "attention_decode k_cache");
+    check_contiguous(v_cache, DType::bf16, cache_numel, "attention_decode v_cache");
+    kernels::attention_decode(out.ptr<bf16>(), out.ld(), q.ptr<bf16>(), q.ld(), k_cache.ptr<bf16>(),
+                              v_cache.ptr<bf16>(), shape.batch, shape.seq_len, n_keys, shape.n_heads,
+                              shape.n_kv_heads, shape.head_dim, shape.scale, stream());
+  }
+
   // ---- SwiGLU ----------------------------------------------------------------------------------
   void swiglu_forward(Tensor h, Tensor gate, Tensor up) override {
     const int64_t n_rows = gate.rows(), ffn = gate.cols();

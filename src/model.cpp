@@ -1,5 +1,6 @@
 // The Llama model over the Backend interface. Reading order: forward() -> layer_forward() ->
 // linear_forward(); forward_backward() -> head_loss() -> layer_backward() -> linear_backward().
+// Generation: prefill() and decode_step() run the same forward(), which differs only in attend().
 #include "ranktune/model.h"
 
 #include <algorithm>
@@ -129,6 +130,20 @@ uint64_t splitmix(uint64_t& state) {
   return z ^ (z >> 31);
 }
 double uniform01(uint64_t& state) { return static_cast<double>(splitmix(state) >> 11) * (1.0 / 9007199254740992.0); }
+
+// Rows of a [B, max_len, cols] KV cache as 2-D views: position `pos` of every sequence (one row per
+// sequence, max_len rows apart), and the first n positions of sequence b.
+Tensor position_rows(Tensor cache, int64_t pos) {
+  const int64_t batch = cache.dim(0), max_len = cache.dim(1), cols = cache.dim(2);
+  Tensor rows = cache.view({batch * max_len, cols}).row_slice(pos, 1);
+  rows.shape[0] = batch;
+  rows.row_stride = max_len * cols;
+  return rows;
+}
+Tensor sequence_rows(Tensor cache, int64_t b, int64_t n) {
+  const int64_t max_len = cache.dim(1), cols = cache.dim(2);
+  return cache.view({cache.dim(0) * max_len, cols}).row_slice(b * max_len, n);
+}
 
 uint64_t mix_seed(uint64_t seed, uint64_t a, uint64_t b) {
   uint64_t s = seed ^ (a * 0x9E3779B97F4A7C15ull) ^ (b * 0xC2B2AE3D27D4EB4Full);
@@ -487,8 +502,10 @@ std::vector<float> LlamaModel::get_grad(const std::string& name) {
 // ---- forward -----------------------------------------------------------------------------------------------
 
 void LlamaModel::upload_inputs(const ModelInputs& in) {
-  RT_ASSERT(in.batch <= opt_.max_batch && in.seq_len == opt_.max_seq, "batch larger than the model was planned for");
+  RT_ASSERT(in.batch >= 1 && in.batch <= opt_.max_batch && in.seq_len >= 1 && in.seq_len <= opt_.max_seq,
+            "batch larger than the model was planned for");
   B_ = in.batch;
+  T_ = in.seq_len;
   N_ = in.batch * in.seq_len;
   be_.upload(tokens_.flat_slice(0, N_), in.tokens);
   be_.upload(targets_.flat_slice(0, N_), in.targets);
@@ -505,7 +522,7 @@ void LlamaModel::linear_forward(Tensor y, Tensor x, int l, const std::vector<Lin
   for (const LinearPart& part : parts) {
     Tensor xa = part.xa.row_slice(0, N_);
     Tensor xin = x;
-    if (opt_.lora_dropout > 0) {
+    if (opt_.lora_dropout > 0 && pass_ == Pass::normal) {
       xin = drop_scratch_.row_slice(0, N_).col_slice(0, x.cols());
       be_.dropout(xin, x, opt_.lora_dropout, mix_seed(dropout_seed, static_cast<uint64_t>(l), static_cast<uint64_t>(part.module_index)));
     }
@@ -536,9 +553,7 @@ void LlamaModel::layer_forward(int l, bool recompute, uint64_t dropout_seed) {
   Tensor pos = positions_.flat_slice(0, N);
   be_.rope_forward(q, pos, rope_cos_, rope_sin_, a.head_dim);
   be_.rope_forward(k, pos, rope_cos_, rope_sin_, a.head_dim);
-  const AttnShape shape{B_, T_, a.n_heads, a.n_kv_heads, a.head_dim, 1.0f / std::sqrt(static_cast<float>(a.head_dim))};
-  Tensor lse = A.lse.flat_slice(0, B_ * a.n_heads * T_);
-  be_.attention_forward(att, lse, q, k, v, have_doc_ids_ ? doc_ids_.flat_slice(0, N) : Tensor(), shape);
+  attend(l, att, A.lse.flat_slice(0, B_ * a.n_heads * T_), q, k, v);
   linear_forward(delta, att, l, A.o_parts, base_weight(l, "self_attn.o_proj.weight"), dropout_seed);
   be_.residual_rmsnorm_forward(x_mid, ln2, A.rstd2.flat_slice(0, N), x_in, delta,
                                base_weight(l, "post_attention_layernorm.weight"), eps);
@@ -562,6 +577,30 @@ void LlamaModel::layer_forward(int l, bool recompute, uint64_t dropout_seed) {
                                  x_mid, delta, base_weight(-1, "model.norm.weight"), eps);
   }
   (void)C;
+}
+
+// Causal self-attention over this pass's tokens; a prefill also keeps every sequence's rotated keys
+// and values in the cache, and a decode step appends its one token's to the cache and attends to
+// all of it.
+void LlamaModel::attend(int l, Tensor att, Tensor lse, Tensor q, Tensor k, Tensor v) {
+  const LlamaArch& a = opt_.arch;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(a.head_dim));
+  Tensor k_cache = kv_.k.empty() ? Tensor() : kv_.k[static_cast<size_t>(l)];
+  Tensor v_cache = kv_.v.empty() ? Tensor() : kv_.v[static_cast<size_t>(l)];
+  if (pass_ == Pass::decode) {
+    be_.copy(position_rows(k_cache, kv_.len), k);
+    be_.copy(position_rows(v_cache, kv_.len), v);
+    const AttnShape shape{B_, kv_.max_len, a.n_heads, a.n_kv_heads, a.head_dim, scale};
+    be_.attention_decode(att, q, k_cache, v_cache, kv_.len + 1, shape);
+    return;
+  }
+  const AttnShape shape{B_, T_, a.n_heads, a.n_kv_heads, a.head_dim, scale};
+  be_.attention_forward(att, lse, q, k, v, have_doc_ids_ ? doc_ids_.flat_slice(0, N_) : Tensor(), shape);
+  if (pass_ != Pass::prefill) return;
+  for (int64_t b = 0; b < B_; ++b) {
+    be_.copy(sequence_rows(k_cache, b, T_), k.row_slice(b * T_, T_));
+    be_.copy(sequence_rows(v_cache, b, T_), v.row_slice(b * T_, T_));
+  }
 }
 
 void LlamaModel::forward(const ModelInputs& in, bool training, uint64_t dropout_seed) {
@@ -616,6 +655,73 @@ double LlamaModel::forward_loss(const ModelInputs& in, std::vector<float>* logit
   forward(in, false, 0);
   if (logits) logits->clear();
   return head_loss(N_, false, 0.f, logits);
+}
+
+// ---- generation with a KV cache ------------------------------------------------------------------------
+
+void LlamaModel::prefill(int64_t batch, int64_t max_len, int64_t n_tokens, const int32_t* tokens) {
+  const LlamaArch& a = opt_.arch;
+  RT_ASSERT(batch >= 1 && batch <= opt_.max_batch, "prefill: batch of " + std::to_string(batch) +
+                                                       " sequences, the model was planned for " + std::to_string(opt_.max_batch));
+  RT_ASSERT(max_len >= 1 && max_len <= opt_.max_seq && n_tokens >= 0 && n_tokens <= max_len,
+            "prefill: " + std::to_string(n_tokens) + " tokens into a cache of " + std::to_string(max_len) +
+                " positions, max_seq " + std::to_string(opt_.max_seq));
+  // One buffer for every layer's keys and values, kept (and reused) for the next generation.
+  const DType act = be_.act_dtype();
+  const int64_t per_tensor = batch * max_len * a.kv_dim();
+  const size_t tensor_bytes = static_cast<size_t>(per_tensor) * dtype_size(act);
+  const size_t bytes = 2 * static_cast<size_t>(a.n_layers) * tensor_bytes;
+  if (kv_.buffer.bytes() < bytes) {
+    kv_.buffer = Buffer();  // free the old cache before allocating the larger one
+    kv_.buffer = be_.alloc(bytes);
+  }
+  kv_.k.clear();
+  kv_.v.clear();
+  for (int64_t l = 0; l < a.n_layers; ++l) {
+    kv_.k.push_back(kv_.buffer.as(act, {batch, max_len, a.kv_dim()}, static_cast<size_t>(2 * l) * tensor_bytes));
+    kv_.v.push_back(kv_.buffer.as(act, {batch, max_len, a.kv_dim()}, static_cast<size_t>(2 * l + 1) * tensor_bytes));
+  }
+  kv_.batch = batch;
+  kv_.max_len = max_len;
+  kv_.len = 0;
+  if (n_tokens == 0) return;
+
+  const std::vector<int32_t> targets(static_cast<size_t>(batch * n_tokens), -100);
+  std::vector<int32_t> positions(targets.size());
+  for (size_t i = 0; i < positions.size(); ++i) positions[i] = static_cast<int32_t>(static_cast<int64_t>(i) % n_tokens);
+  pass_ = Pass::prefill;
+  forward(ModelInputs{batch, n_tokens, tokens, targets.data(), positions.data(), nullptr}, false, 0);
+  pass_ = Pass::normal;
+  kv_.len = n_tokens;
+}
+
+std::vector<float> LlamaModel::decode_step(const std::vector<int32_t>& tokens) {
+  const int64_t B = kv_.batch;
+  RT_ASSERT(B >= 1 && static_cast<int64_t>(tokens.size()) == B,
+            "decode_step: " + std::to_string(tokens.size()) + " tokens for " + std::to_string(B) + " sequences");
+  RT_ASSERT(kv_.len < kv_.max_len, "decode_step: the KV cache's " + std::to_string(kv_.max_len) + " positions are full");
+  const std::vector<int32_t> targets(static_cast<size_t>(B), -100);
+  const std::vector<int32_t> positions(static_cast<size_t>(B), static_cast<int32_t>(kv_.len));
+  pass_ = Pass::decode;
+  forward(ModelInputs{B, 1, tokens.data(), targets.data(), positions.data(), nullptr}, false, 0);
+  pass_ = Pass::normal;
+  ++kv_.len;
+  return head_logits(B);
+}
+
+// The LM head alone: logits = ln_final W^T for the first n_rows rows, chunk by chunk, to the host.
+std::vector<float> LlamaModel::head_logits(int64_t n_rows) {
+  const LlamaArch& a = opt_.arch;
+  const int64_t V = a.vocab_size;
+  Tensor w = base_weight(-1, a.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");
+  std::vector<float> logits(static_cast<size_t>(n_rows * V));
+  for (int64_t r0 = 0; r0 < n_rows; r0 += loss_chunk_) {
+    const int64_t n = std::min(loss_chunk_, n_rows - r0);
+    Tensor chunk = logits_.row_slice(0, n);
+    be_.matmul(chunk, ln_final_.row_slice(r0, n), w, false, true, 1.f, 0.f);
+    be_.download(logits.data() + r0 * V, chunk);
+  }
+  return logits;
 }
 
 // ---- backward ---------------------------------------------------------------------------------------------

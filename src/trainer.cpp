@@ -712,9 +712,9 @@ int run_generate(const RunConfig& cfg, const LaunchInfo& li, const std::string& 
   if (auto bos = s.tokenizer->token_id("<|begin_of_text|>")) ids.push_back(*bos);
   auto p = s.tokenizer->encode(prompt);
   ids.insert(ids.end(), p.begin(), p.end());
-  RT_REQUIRE(!ids.empty(), "ranktune generate: --prompt is empty and the tokenizer adds no <|begin_of_text|>: give some text");
+  RT_REQUIRE(!ids.empty(), "--prompt is empty and the tokenizer adds no <|begin_of_text|>: give some text");
   RT_REQUIRE(static_cast<int64_t>(ids.size()) < cfg.model.max_seq_length,
-             "ranktune generate: the prompt has " + std::to_string(ids.size()) + " tokens, which fills model.max_seq_length (" +
+             "the prompt has " + std::to_string(ids.size()) + " tokens, which fills model.max_seq_length (" +
                  std::to_string(cfg.model.max_seq_length) + "): shorten it or raise --set model.max_seq_length=N");
   std::vector<int32_t> stop;
   for (const char* t : {"<|end_of_text|>", "<|eot_id|>"})

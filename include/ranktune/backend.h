@@ -115,6 +115,12 @@ class Backend {
   virtual void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor out,
                                   Tensor lse, Tensor q, Tensor k, Tensor v, Tensor doc_ids,
                                   const AttnShape& shape) = 0;
+  // Generation with a KV cache: one new query row per sequence attends to that sequence's cached
+  // keys/values 0..n_keys-1 (its own key is the last of them, so no further mask). q [B, H*D]
+  // (strided ok), out [B, H*D] act; k_cache/v_cache contiguous [B, max_len, Hkv*D] act with
+  // max_len = shape.seq_len >= n_keys >= 1; shape.batch = B; GQA as in attention_forward.
+  virtual void attention_decode(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache,
+                                int64_t n_keys, const AttnShape& shape) = 0;
 
   // ---- SwiGLU: h = silu(gate) * up -------------------------------------------------------------
   // gate/up [N,F] views (column halves of the fused gate_up output), h [N,F] act.

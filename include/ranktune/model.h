@@ -9,6 +9,9 @@
 // and, every step, that each gradient bucket became ready for reduction exactly once. Activation
 // checkpointing keeps each layer's input only and recomputes the layer in backward; recompute never
 // touches a gradient slot, so it cannot mark a gradient ready twice.
+//
+// Generation keeps each layer's rotated keys and values in a KV cache: prefill() runs the prompt
+// through the same forward, decode_step() one token per sequence, attending to the cache.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -145,9 +148,35 @@ class LlamaModel {
 
   int64_t activation_bytes() const { return activation_bytes_; }
 
+  // ---- generation with a KV cache (driven by generate() in src/generate.cpp) -------------------
+  // Every sequence of a batch advances one position per decode_step, in lock step, so all share
+  // one cache length and one position. LoRA dropout is off while generating.
+  //
+  // Starts `batch` sequences (<= max_batch) that will hold at most max_len tokens each
+  // (<= max_seq): sizes the cache (allocated on first use, grown when a larger one is needed) and
+  // runs the first n_tokens tokens of every sequence (host, row-major [batch, n_tokens];
+  // n_tokens may be 0) through the normal forward, keeping each layer's rotated keys and values.
+  void prefill(int64_t batch, int64_t max_len, int64_t n_tokens, const int32_t* tokens);
+  // Runs one more token per sequence (tokens[b] for sequence b) at position kv_len(), appending
+  // its keys and values to the cache; returns the next-token logits, row-major [batch, V] fp32.
+  std::vector<float> decode_step(const std::vector<int32_t>& tokens);
+  int64_t kv_len() const { return kv_.len; }
+
  private:
   struct LayerActs;
   struct LinearPart;
+  // Each layer's rotated keys and values of the sequences being generated, [batch, max_len,
+  // kv_dim] act each, in one buffer; len positions of every sequence are filled.
+  struct KvCache {
+    Buffer buffer;
+    std::vector<Tensor> k, v;
+    int64_t batch = 0, max_len = 0, len = 0;
+  };
+  // What a forward pass is for. prefill: the normal causal attention, whose keys and values are
+  // also kept in the cache; decode: one token per sequence attending to the cache.
+  enum class Pass { normal, prefill, decode };
+  void attend(int l, Tensor att, Tensor lse, Tensor q, Tensor k, Tensor v);
+  std::vector<float> head_logits(int64_t n_rows);
   void build_params();
   void allocate_activations();
   void upload_inputs(const ModelInputs& in);
@@ -177,6 +206,8 @@ class LlamaModel {
   // backward scratch
   Tensor dres_, dln_, dqkv_, datt_, dgu_, dh_, dxa_, drop_scratch_, lora_tmp_;
   bool have_doc_ids_ = false;
+  KvCache kv_;
+  Pass pass_ = Pass::normal;
   int64_t B_ = 0, T_ = 0, N_ = 0;
   int64_t loss_chunk_ = 0;
 };

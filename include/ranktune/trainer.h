@@ -1,6 +1,7 @@
 // The training run: config -> placement -> backend -> model -> data -> the step loop (micro-batches,
 // gradient reduction, clipping, optimizer, schedule), eval, logging and the saved adapter.
 #pragma once
+#include <cstdint>
 #include <string>
 
 #include "ranktune/config.h"
@@ -19,7 +20,9 @@ int run_export(const RunConfig& cfg, const LaunchInfo& li, const std::string& ch
 // `ranktune eval`: one JSON line {"loss", "tokens", ...} for the configured model (+ adapter) on
 // the eval data (data.eval_file, else data.train_file).
 int run_eval(const RunConfig& cfg, const LaunchInfo& li);
-// `ranktune generate`: the greedy continuation of a prompt.
-int run_generate(const RunConfig& cfg, const LaunchInfo& li, const std::string& prompt, int64_t max_new_tokens);
+// `ranktune generate`: a continuation of the prompt, sampled with temperature and top-p (nucleus)
+// from a seeded RNG, or greedy with temperature 0 (src/generate.cpp).
+int run_generate(const RunConfig& cfg, const LaunchInfo& li, const std::string& prompt, int64_t max_new_tokens,
+                 double temperature, double top_p, uint64_t seed);
 
 }  // namespace ranktune
