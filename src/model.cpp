@@ -522,7 +522,7 @@ void LlamaModel::linear_forward(Tensor y, Tensor x, int l, const std::vector<Lin
   for (const LinearPart& part : parts) {
     Tensor xa = part.xa.row_slice(0, N_);
     Tensor xin = x;
-    if (opt_.lora_dropout > 0 && pass_ == Pass::normal) {
+    if (opt_.lora_dropout > 0 && training_) {
       xin = drop_scratch_.row_slice(0, N_).col_slice(0, x.cols());
       be_.dropout(xin, x, opt_.lora_dropout, mix_seed(dropout_seed, static_cast<uint64_t>(l), static_cast<uint64_t>(part.module_index)));
     }
@@ -604,7 +604,7 @@ void LlamaModel::attend(int l, Tensor att, Tensor lse, Tensor q, Tensor k, Tenso
 }
 
 void LlamaModel::forward(const ModelInputs& in, bool training, uint64_t dropout_seed) {
-  (void)training;
+  training_ = training;  // LoRA dropout only while training (also in its recompute), never in eval
   upload_inputs(in);
   be_.embedding_forward(layer_inputs_[0].row_slice(0, N_), tokens_.flat_slice(0, N_),
                         base_weight(-1, "model.embed_tokens.weight"));

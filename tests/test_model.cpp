@@ -250,3 +250,16 @@ TEST(Ledger, BetaIsZeroOnlyForTheFirstWriteOfAStep) {
   ledger.end_step();
   EXPECT_EQ(betas, (std::vector<float>{0.f, 1.f, 1.f, 1.f}));
 }
+
+// LoRA dropout is a training-time op: evaluation (and generation) sees the plain adapters.
+TEST(Model, EvalIgnoresLoraDropout) {
+  auto backend = make_cpu_backend();
+  ModelOptions with = options(true, Checkpointing::on), without = options(true, Checkpointing::on);
+  with.lora_dropout = 0.5f;
+  LlamaModel a(*backend, with), b(*backend, without);
+  randomize(a, 6);
+  randomize(b, 6);
+  Data d = make_data(4);
+  EXPECT_EQ(loss_only(a, d), loss_only(b, d));
+  EXPECT_NE(step(a, d), step(b, d));  // while training, dropout changes the loss
+}

@@ -208,6 +208,7 @@ class LlamaModel {
   bool have_doc_ids_ = false;
   KvCache kv_;
   Pass pass_ = Pass::normal;
+  bool training_ = false;
   int64_t B_ = 0, T_ = 0, N_ = 0;
   int64_t loss_chunk_ = 0;
 };
