@@ -5,6 +5,8 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include "gpu_skip.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -32,20 +34,6 @@ constexpr uint16_t kPoison = 0x7FC0;  // bf16 quiet NaN
     const cudaError_t err_ = (call);                                                        \
     if (err_ != cudaSuccess)                                                                \
       throw std::runtime_error(std::string(#call) + ": " + cudaGetErrorString(err_));       \
-  } while (0)
-
-std::string gpu_unavailable_reason() {
-  int count = 0;
-  const cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
-  if (count == 0) return "cudaGetDeviceCount returned 0";
-  return "";
-}
-
-#define SKIP_WITHOUT_GPU()                                                        \
-  do {                                                                            \
-    const std::string why_ = gpu_unavailable_reason();                            \
-    if (!why_.empty()) GTEST_SKIP() << "no CUDA GPU available: " << why_;         \
   } while (0)
 
 uint16_t to_bf16(float x) {  // round to nearest even

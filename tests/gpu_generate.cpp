@@ -3,6 +3,8 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include "gpu_skip.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -18,23 +20,6 @@
 using namespace ranktune;
 
 namespace {
-
-std::string gpu_unavailable_reason() {
-  int count = 0;
-  const cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
-    return cudaGetErrorString(err);
-  }
-  if (count == 0) return "cudaGetDeviceCount returned 0";
-  return "";
-}
-
-#define SKIP_WITHOUT_GPU()                                                \
-  do {                                                                    \
-    const std::string why_ = gpu_unavailable_reason();                    \
-    if (!why_.empty()) GTEST_SKIP() << "no CUDA GPU available: " << why_; \
-  } while (0)
 
 double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
   double num = 0, den = 0;

@@ -6,34 +6,18 @@
 
 #include <cuda_runtime.h>
 
+#include "gpu_skip.h"
 #include "hf_fixture.h"
 
 using namespace ranktune;
 using namespace ranktune::testing;
-
-namespace {
-
-bool have_gpu(std::string* why) {
-  int n = 0;
-  cudaError_t err = cudaGetDeviceCount(&n);
-  if (err != cudaSuccess) {
-    *why = cudaGetErrorString(err);
-    (void)cudaGetLastError();
-    return false;
-  }
-  if (n == 0) *why = "no CUDA devices";
-  return n > 0;
-}
-
-}  // namespace
 
 class GpuHfParity : public ::testing::TestWithParam<std::string> {};
 
 // bf16 weights and activations with fp32 accumulation: loss within 2e-2 relative of HF's fp32
 // loss; logits and gradients within 5e-2 relative L2.
 TEST_P(GpuHfParity, GpuMatchesHf) {
-  std::string why;
-  if (!have_gpu(&why)) GTEST_SKIP() << "no CUDA GPU available: " << why;
+  SKIP_WITHOUT_GPU();
   const HfCase c = load_case(GetParam());
   SafetensorsFile expected(c.dir + "/expected.safetensors");
   auto be = make_cuda_backend(0);
@@ -58,8 +42,7 @@ TEST_P(GpuHfParity, GpuMatchesHf) {
 }
 
 TEST_P(GpuHfParity, CheckpointingIsBitwiseIdentical) {
-  std::string why;
-  if (!have_gpu(&why)) GTEST_SKIP() << "no CUDA GPU available: " << why;
+  SKIP_WITHOUT_GPU();
   const HfCase c = load_case(GetParam());
   auto be = make_cuda_backend(0);
   auto on = build_model(*be, c, Checkpointing::on);

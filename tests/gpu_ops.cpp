@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include "gpu_skip.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -30,20 +32,6 @@ using ranktune::Tensor;
 constexpr double kBf16Tol = 1e-2;  // outputs rounded to bf16
 constexpr double kF32Tol = 1e-4;   // f32 outputs from bf16 inputs, fp32 accumulation
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-
-std::string gpu_unavailable_reason() {
-  int count = 0;
-  const cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
-  if (count == 0) return "cudaGetDeviceCount returned 0";
-  return "";
-}
-
-#define SKIP_WITHOUT_GPU()                                                \
-  do {                                                                    \
-    const std::string why_ = gpu_unavailable_reason();                    \
-    if (!why_.empty()) GTEST_SKIP() << "no CUDA GPU available: " << why_; \
-  } while (0)
 
 float round_bf16(float x) { return ranktune::bf16_to_f32(ranktune::f32_to_bf16(x)); }
 
