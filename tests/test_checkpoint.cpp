@@ -19,6 +19,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "subprocess.h"
+
 #include "ranktune/backend.h"
 #include "ranktune/checkpoint.h"
 #include "ranktune/config.h"
@@ -33,28 +35,11 @@ using namespace ranktune;
 
 namespace {
 
-struct RunResult {
-  int code = -1;  // exit status, -1 when killed by a signal
-  std::string output;
-};
+using RunResult = CommandResult;
 
-RunResult run(const std::string& cmd) {
-  RunResult r;
-  FILE* p = popen(("cd " + std::string(RANKTUNE_SOURCE_DIR) + " && OMP_NUM_THREADS=1 " + cmd + " 2>&1").c_str(), "r");
-  std::array<char, 4096> buf{};
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.output.append(buf.data(), n);
-  const int status = pclose(p);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
+RunResult run(const std::string& cmd) { return run_command(cmd, 1); }
 
-std::string temp_dir(const std::string& name) {
-  fs::path d = fs::temp_directory_path() / ("ranktune_ckpt_" + name + "_" + std::to_string(getpid()));
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d.string();
-}
+std::string temp_dir(const std::string& name) { return fresh_temp_dir("ckpt_" + name); }
 
 const char* kConfig =
     "model:\n"

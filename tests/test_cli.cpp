@@ -14,34 +14,17 @@
 
 #include <nlohmann/json.hpp>
 
+#include "subprocess.h"
+
 namespace fs = std::filesystem;
 
 namespace {
 
-struct CliRun {
-  int code = -1;
-  std::string output;
-};
+using CliRun = CommandResult;
 
-CliRun run(const std::string& args) {
-  CliRun r;
-  const std::string cmd = std::string("cd ") + RANKTUNE_SOURCE_DIR + " && OMP_NUM_THREADS=2 " + RANKTUNE_BINARY + " " +
-                          args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::array<char, 4096> buf{};
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.output.append(buf.data(), n);
-  const int status = pclose(p);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
+CliRun run(const std::string& args) { return run_command(std::string(RANKTUNE_BINARY) + " " + args, 2); }
 
-std::string temp_dir(const std::string& name) {
-  fs::path d = fs::temp_directory_path() / ("ranktune_cli_" + name + "_" + std::to_string(getpid()));
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d.string();
-}
+std::string temp_dir(const std::string& name) { return fresh_temp_dir("cli_" + name); }
 
 const char* kTinyConfig =
     "model:\n"

@@ -14,18 +14,16 @@
 #include <nlohmann/json.hpp>
 
 #include "ranktune/safetensors.h"
+#include "subprocess.h"
 
 namespace fs = std::filesystem;
 
 namespace {
 
 int run(const std::string& cmd, std::string* out) {
-  FILE* p = popen(("cd " + std::string(RANKTUNE_SOURCE_DIR) + " && OMP_NUM_THREADS=1 " + cmd + " 2>&1").c_str(), "r");
-  std::array<char, 4096> buf{};
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out->append(buf.data(), n);
-  const int status = pclose(p);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  const CommandResult r = run_command(cmd, 1);
+  out->append(r.output);
+  return r.code;
 }
 
 std::vector<double> losses(const std::string& dir) {
