@@ -62,28 +62,6 @@ void adam8bit_init_state(uint8_t* m_q, uint8_t* v_q, int64_t n) {
   std::fill(v_q, v_q + n, v_zero);
 }
 
-// Fallback through the host; the backends override it with a kernel.
-void Backend::add(Tensor y, Tensor x) {
-  RT_ASSERT(y.rows() == x.rows() && y.cols() == x.cols() && y.dtype == x.dtype, "add: shapes differ");
-  const int64_t rows = y.rows(), cols = y.cols();
-  const size_t es = dtype_size(y.dtype);
-  std::vector<char> hy(static_cast<size_t>(rows * cols) * es), hx(hy.size());
-  for (int64_t r = 0; r < rows; ++r) {
-    download(hy.data() + static_cast<size_t>(r * cols) * es, y.row_slice(r, 1).view({cols}));
-    download(hx.data() + static_cast<size_t>(r * cols) * es, x.row_slice(r, 1).view({cols}));
-  }
-  for (int64_t i = 0; i < rows * cols; ++i) {
-    if (y.dtype == DType::f32) {
-      reinterpret_cast<float*>(hy.data())[i] += reinterpret_cast<float*>(hx.data())[i];
-    } else {
-      uint16_t* py = reinterpret_cast<uint16_t*>(hy.data());
-      const uint16_t* px = reinterpret_cast<const uint16_t*>(hx.data());
-      py[i] = f32_to_bf16(bf16_to_f32(py[i]) + bf16_to_f32(px[i]));
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r) upload(y.row_slice(r, 1).view({cols}), hy.data() + static_cast<size_t>(r * cols) * es);
-}
-
 #ifndef RANKTUNE_HAVE_CUDA
 std::unique_ptr<Backend> make_cuda_backend(int) {
   throw UserError("this ranktune was built without CUDA; set model.device_map: cpu or rebuild with "

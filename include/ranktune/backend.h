@@ -62,7 +62,7 @@ class Backend {
   // x *= s (f32 or act)
   virtual void scale(Tensor x, float s) = 0;
   // y += x, elementwise over 2-D views of the same shape and dtype (strided ok).
-  virtual void add(Tensor y, Tensor x);
+  virtual void add(Tensor y, Tensor x) = 0;
   // Sum of squares of an f32 tensor, accumulated in double, deterministic. Synchronizes.
   virtual double sum_squares(Tensor x) = 0;
   // Inverted dropout with a counter-based RNG: out[i] = keep(seed, i) ? in[i] / (1-p) : 0, where
