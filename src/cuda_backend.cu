@@ -167,6 +167,8 @@ class CudaBackend final : public Backend {
   std::string name() const override {
     return "cuda:" + std::to_string(device_index_) + " (" + gpu_name_ + ")";
   }
+  int device_index() const override { return device_index_; }
+  void* native_stream() const override { return stream_.get(); }
 
   // ---- memory -------------------------------------------------------------------------------
   Buffer alloc(size_t bytes) override { return Buffer(Device::cuda, bytes); }

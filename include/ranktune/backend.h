@@ -48,6 +48,10 @@ class Backend {
   virtual Device device() const = 0;
   virtual DType act_dtype() const = 0;
   virtual std::string name() const = 0;  // "cpu" or "cuda:N (<GPU name>)"
+  // The CUDA device and stream (a cudaStream_t) every op of this backend runs on, for the code
+  // that orders other work after it (NCCL on a communication stream); -1 and null on the CPU.
+  virtual int device_index() const { return -1; }
+  virtual void* native_stream() const { return nullptr; }
 
   // ---- memory -------------------------------------------------------------------------------
   virtual Buffer alloc(size_t bytes) = 0;                  // zero-filled
