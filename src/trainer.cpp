@@ -18,11 +18,13 @@
 #include <memory>
 #include <optional>
 #include <sstream>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
 #include "ranktune/backend.h"
 #include "ranktune/checkpoint.h"
+#include "ranktune/comm.h"
 #include "ranktune/dataset.h"
 #include "ranktune/error.h"
 #include "ranktune/generate.h"
@@ -76,39 +78,44 @@ std::string prepared_data(const RunConfig& cfg, const Tokenizer& tok, const Laun
   return out;
 }
 
-// Gradient reduction over ranks. The CPU path sums fp32 gradient buckets with MPI_Allreduce as the
-// ledger reports them ready (during backward, in backward order). A bucket is a layer's tensors, or
-// the embedding, final norm and head; it is reduced as the runs of adjacent tensors it holds.
+// Gradient reduction over ranks through the communicator (MPI on the CPU path, NCCL on the GPU):
+// a bucket -- a layer's tensors, or the embedding, final norm and head -- is summed as soon as the
+// ledger reports it ready (during the last micro-batch's backward, in backward order), as the runs
+// of adjacent tensors it holds; finish() waits for every sum before the gradients are read.
 class GradReducer {
  public:
-  GradReducer(const LaunchInfo& li, Backend& be, ParamGroup& params, int n_layers) : world_(li.world_size) {
-    if (world_ == 1) return;
-    RT_REQUIRE(be.device() == Device::cpu,
-               "data parallel over several ranks runs on the CPU path in this build; multi-GPU data parallel "
-               "(NCCL) is not built yet: run one rank per job on the GPU, or set model.device_map: cpu");
+  GradReducer(Communicator& comm, ParamGroup& params, int n_layers) : comm_(comm), grad_(params.grad) {
     runs_.resize(static_cast<size_t>(n_layers + 1));
     for (const ParamSpec& p : params.specs) {
       auto& runs = runs_[static_cast<size_t>(p.layer >= 0 ? p.layer : n_layers)];
       if (!runs.empty() && runs.back().first + runs.back().second == p.offset) runs.back().second += p.numel;
       else runs.push_back({p.offset, p.numel});
     }
-    grad_ = params.grad;
   }
   void reduce_bucket(int bucket) {
-    if (world_ == 1) return;
-    for (const auto& [offset, n] : runs_[static_cast<size_t>(bucket)])
-      MPI_Allreduce(MPI_IN_PLACE, grad_.ptr<float>() + offset, static_cast<int>(n), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+    for (const auto& [offset, n] : runs_[static_cast<size_t>(bucket)]) comm_.start_sum(grad_.flat_slice(offset, n));
   }
+  void finish(int64_t step) { comm_.finish_sums("the gradient all-reduce of step " + std::to_string(step)); }
 
  private:
-  int world_;
+  Communicator& comm_;
   Tensor grad_;
   std::vector<std::vector<std::pair<int64_t, int64_t>>> runs_;  // per bucket: (offset, numel) runs
 };
 
-double allreduce_sum(double x) {
-  double out = 0;
-  MPI_Allreduce(&x, &out, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+// Every rank's string, in rank order, on rank 0 (empty elsewhere).
+std::vector<std::string> gather_to_root(const std::string& mine, const LaunchInfo& li) {
+  const int len = static_cast<int>(mine.size());
+  std::vector<int> lens(static_cast<size_t>(li.world_size)), offsets(static_cast<size_t>(li.world_size));
+  MPI_Gather(&len, 1, MPI_INT, lens.data(), 1, MPI_INT, 0, MPI_COMM_WORLD);
+  int total = 0;
+  for (int r = 0; r < li.world_size; ++r) offsets[static_cast<size_t>(r)] = total, total += lens[static_cast<size_t>(r)];
+  std::string all(static_cast<size_t>(total), '\0');
+  MPI_Gatherv(mine.data(), len, MPI_CHAR, all.data(), lens.data(), offsets.data(), MPI_CHAR, 0, MPI_COMM_WORLD);
+  std::vector<std::string> out;
+  if (li.rank != 0) return out;
+  for (int r = 0; r < li.world_size; ++r)
+    out.push_back(all.substr(static_cast<size_t>(offsets[static_cast<size_t>(r)]), static_cast<size_t>(lens[static_cast<size_t>(r)])));
   return out;
 }
 
@@ -208,11 +215,7 @@ class StopSignals {
   StopSignals(const StopSignals&) = delete;
   StopSignals& operator=(const StopSignals&) = delete;
   // The signal that asked to stop, agreed over ranks (the largest number any rank got), or 0.
-  static int agreed(int world_size) {
-    int local = g_stop_signal, any = local;
-    if (world_size > 1) MPI_Allreduce(&local, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-    return any;
-  }
+  static int agreed(Communicator& comm) { return comm.max(g_stop_signal, "the stop-signal check"); }
 
  private:
   static constexpr std::array<int, 3> kSignals{SIGUSR1, SIGTERM, SIGINT};
@@ -245,7 +248,7 @@ ModelInputs inputs_of(const Batch& b) {
 
 // Mean loss over every row of `rows`, all ranks together.
 std::pair<double, int64_t> evaluate(LlamaModel& model, const TokenDataset& data, const std::vector<int64_t>& rows,
-                                    int64_t batch, int64_t seq, const LaunchInfo& li) {
+                                    int64_t batch, int64_t seq, const LaunchInfo& li, Communicator& comm) {
   double loss = 0;
   int64_t tokens = 0;
   for (const auto& group : eval_row_groups(rows, batch, li.rank, li.world_size)) {
@@ -254,8 +257,8 @@ std::pair<double, int64_t> evaluate(LlamaModel& model, const TokenDataset& data,
     loss += model.forward_loss(inputs_of(b));
     tokens += b.n_target_tokens;
   }
-  const double total_loss = allreduce_sum(loss);
-  const int64_t total_tokens = static_cast<int64_t>(allreduce_sum(static_cast<double>(tokens)));
+  const double total_loss = comm.sum(loss, "the eval loss sum");
+  const int64_t total_tokens = static_cast<int64_t>(comm.sum(static_cast<double>(tokens), "the eval token count"));
   return {total_tokens ? total_loss / static_cast<double>(total_tokens) : 0.0, total_tokens};
 }
 
@@ -351,7 +354,8 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
 
   ParamGroup& params = model.trainable();
   Optimizer opt(*s.backend, params, tc);
-  GradReducer reducer(li, *s.backend, params, static_cast<int>(s.arch.n_layers));
+  std::unique_ptr<Communicator> comm = make_communicator(*s.backend, cfg.distributed.timeout_s);
+  GradReducer reducer(*comm, params, static_cast<int>(s.arch.n_layers));
   model.ledger().on_bucket_ready = [&](int bucket) { reducer.reduce_bucket(bucket); };
 
   // A checkpoint holds the fp32 masters and the optimizer's states; there must be room for two
@@ -409,7 +413,10 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
       std::printf("note: removed %zu checkpoints of an earlier run from %s (--resume latest continues a run)\n",
                   old.size(), ckpt_dir.c_str());
   }
-  MPI_Barrier(MPI_COMM_WORLD);
+  comm->barrier("the start of training");
+
+  // Where every rank runs, gathered for the banner.
+  std::vector<std::string> rank_devices = gather_to_root(li.hostname + " " + s.backend->name(), li);
 
   const double fpt = flops_per_token(s.arch, !cfg.lora.enabled, T);
   const double peak = peak_flops(s.backend->name());
@@ -418,8 +425,9 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
     std::printf("ranktune %s | %s\n", RANKTUNE_VERSION, s.placement.notice.empty() ? s.backend->name().c_str() : s.placement.notice.c_str());
     if (li.world_size > 1)
       std::printf("Multi-GPU training enabled: %d ranks x 1 %s, data parallel over %s\n", li.world_size,
-                  s.placement.use_gpu ? "GPU" : "CPU",
-                  s.placement.use_gpu ? ("NCCL " + li.nccl_version).c_str() : ("MPI (" + li.mpi_version + ")").c_str());
+                  s.placement.use_gpu ? "GPU" : "CPU", comm->name().c_str());
+    if (li.world_size > 1)
+      for (int r = 0; r < li.world_size; ++r) std::printf("  rank %d: %s\n", r, rank_devices[static_cast<size_t>(r)].c_str());
     if (!s.placement.unused_gpus_hint.empty()) std::printf("note: %s\n", s.placement.unused_gpus_hint.c_str());
     std::printf("model: %lld layers, hidden %lld, heads %lld/%lld kv, vocab %lld | parameters %.2fM, trainable %.3fM (%.2f%%)%s\n",
                 (long long)s.arch.n_layers, (long long)s.arch.hidden_size, (long long)s.arch.n_heads,
@@ -477,9 +485,10 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
       std::fflush(stdout);
     }
     saved_step = steps_done;
-    MPI_Barrier(MPI_COMM_WORLD);
+    comm->barrier("the checkpoint save of step " + std::to_string(steps_done));
   };
   const int64_t fault_nan_step = fault_value("nan_loss_at_step"), fault_signal_step = fault_value("sigusr1_at_step");
+  const int64_t fault_hang_step = fault_value("hang_at_step"), fault_hang_rank = fault_value("hang_rank");
 
   for (int64_t step = first_step; step < total_steps; ++step) {
     if (step + 1 == fault_signal_step) std::raise(SIGUSR1);
@@ -490,7 +499,9 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
       micro.push_back(loader.next());
       local_tokens += micro.back().n_target_tokens;
     }
-    const double step_tokens = allreduce_sum(static_cast<double>(local_tokens));
+    if (step + 1 == fault_hang_step && li.rank == fault_hang_rank)
+      for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));  // test hook: a hung rank
+    const double step_tokens = comm->sum(static_cast<double>(local_tokens), "the token count of step " + std::to_string(step + 1));
     float grad_scale = step_tokens > 0 ? static_cast<float>(1.0 / step_tokens) : 0.f;
     // Test hook: a NaN step (loss and every gradient), as a diverging run produces.
     if (step + 1 == fault_nan_step) grad_scale = std::numeric_limits<float>::quiet_NaN();
@@ -504,7 +515,8 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
       model.ledger().end_micro();
     }
     model.ledger().end_step();
-    double loss = step_tokens > 0 ? allreduce_sum(loss_sum) / step_tokens : 0.0;
+    reducer.finish(step + 1);
+    double loss = step_tokens > 0 ? comm->sum(loss_sum, "the loss of step " + std::to_string(step + 1)) / step_tokens : 0.0;
     if (step + 1 == fault_nan_step) loss = std::numeric_limits<double>::quiet_NaN();
     const double grad_norm = std::sqrt(s.backend->sum_squares(params.grad));
     const double lr = learning_rate_at(step, total_steps, warmup, tc.learning_rate, tc.lr_scheduler_type);
@@ -534,7 +546,7 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
     const bool log_now = (step + 1) % cfg.logging.logging_steps == 0 || last;
     const bool eval_now = !eval_rows.empty() && ((tc.eval_steps > 0 && (step + 1) % tc.eval_steps == 0) || last);
     double eval_loss = NAN;
-    if (eval_now) eval_loss = evaluate(model, eval_source, eval_rows, std::min(B, tc.per_device_eval_batch_size), T, li).first;
+    if (eval_now) eval_loss = evaluate(model, eval_source, eval_rows, std::min(B, tc.per_device_eval_batch_size), T, li, *comm).first;
     if (tty && !log_now) {
       const double frac = static_cast<double>(step + 1) / static_cast<double>(total_steps);
       const int filled = static_cast<int>(frac * 30);
@@ -579,7 +591,7 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
       skipped_since_log = 0;
     }
 
-    const int stop = StopSignals::agreed(li.world_size);
+    const int stop = StopSignals::agreed(*comm);
     if (last || stop || (cfg.checkpoint.save_steps > 0 && (step + 1) % cfg.checkpoint.save_steps == 0)) save(step + 1);
     if (stop && !last) {
       if (root) {
@@ -624,7 +636,8 @@ int run_eval(const RunConfig& cfg, const LaunchInfo& li) {
   RT_REQUIRE(!file.empty(), cfg.source + ": set data.eval_file or data.train_file to evaluate on");
   const std::string h5 = prepared_data(cfg, *s.tokenizer, li, file, "eval");
   TokenDataset data = TokenDataset::open(h5, s.arch.vocab_size);
-  auto [loss, tokens] = evaluate(*s.model, data, data.all_rows(), B, T, li);
+  std::unique_ptr<Communicator> comm = make_mpi_communicator(cfg.distributed.timeout_s);
+  auto [loss, tokens] = evaluate(*s.model, data, data.all_rows(), B, T, li, *comm);
   if (li.rank == 0)
     std::printf("%s\n", nlohmann::json{{"loss", loss}, {"tokens", tokens}, {"file", file}, {"device", s.backend->name()}}
                             .dump()

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -34,13 +35,7 @@ std::vector<double> losses(const std::string& dir) {
   return out;
 }
 
-void check_equivalence(int ranks, bool lora) {
-  const std::string dir = (fs::temp_directory_path() / ("ranktune_dp_" + std::to_string(getpid()) + "_" +
-                                                        std::to_string(ranks) + (lora ? "_lora" : "_full")))
-                              .string();
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  const std::string cfg = dir + "/run.yaml";
+void write_config(const std::string& cfg, bool lora) {
   std::ofstream(cfg) << "model:\n"
                         "  architecture: {vocab_size: 262, hidden_size: 32, intermediate_size: 48, num_hidden_layers: 2,\n"
                         "                 num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64,\n"
@@ -53,6 +48,16 @@ void check_equivalence(int ranks, bool lora) {
                         "data: {train_file: jobs/data/quickstart/train.jsonl, format: prompt_completion}\n"
                         "training: {max_steps: 10, learning_rate: 1.0e-2, warmup_steps: 2, gradient_accumulation_steps: 2}\n"
                         "logging: {logging_steps: 1}\n";
+}
+
+void check_equivalence(int ranks, bool lora) {
+  const std::string dir = (fs::temp_directory_path() / ("ranktune_dp_" + std::to_string(getpid()) + "_" +
+                                                        std::to_string(ranks) + (lora ? "_lora" : "_full")))
+                              .string();
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string cfg = dir + "/run.yaml";
+  write_config(cfg, lora);
   const std::string bin = RANKTUNE_BINARY;
   std::string out;
   const int b = 2;
@@ -63,6 +68,7 @@ void check_equivalence(int ranks, bool lora) {
             0)
       << out;
   EXPECT_NE(out.find("Multi-GPU training enabled: " + std::to_string(ranks) + " ranks"), std::string::npos) << out;
+  EXPECT_NE(out.find("  rank " + std::to_string(ranks - 1) + ": "), std::string::npos) << out;  // per-rank devices
   ASSERT_EQ(run(bin + " train " + cfg + " --set training.per_device_train_batch_size=" + std::to_string(b * ranks) +
                     " --set training.output_dir=" + dir + "/one",
                 &out),
@@ -88,3 +94,23 @@ void check_equivalence(int ranks, bool lora) {
 TEST(DataParallel, TwoRanksEqualOneRankWithTwiceTheBatchLora) { check_equivalence(2, true); }
 TEST(DataParallel, ThreeRanksEqualOneRankWithThriceTheBatchLora) { check_equivalence(3, true); }
 TEST(DataParallel, TwoRanksEqualOneRankWithTwiceTheBatchFull) { check_equivalence(2, false); }
+
+// The watchdog: a rank that hangs (a test hook makes rank 1 sleep at the start of step 3) does not
+// leave the others waiting; they give up after distributed.timeout_s, name it, and the job ends.
+TEST(DataParallel, HungRankIsNamedAndTheJobEnds) {
+  const std::string dir = fresh_temp_dir("dp_hang");
+  write_config(dir + "/run.yaml", true);
+  const auto start = std::chrono::steady_clock::now();
+  std::string out;
+  const int code = run("RANKTUNE_FAULT=hang_rank=1,hang_at_step=3 " + std::string(RANKTUNE_MPIEXEC) +
+                           " --allow-run-as-root --oversubscribe -np 3 " + RANKTUNE_BINARY + " train " + dir +
+                           "/run.yaml --set model.enable_multi_gpu=true --set distributed.timeout_s=3"
+                           " --set training.output_dir=" + dir + "/out",
+                       &out);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_NE(code, 0) << out;
+  EXPECT_LT(seconds, 60) << out;
+  EXPECT_NE(out.find("rank 1 has not reached it"), std::string::npos) << out;
+  EXPECT_NE(out.find("step 3"), std::string::npos) << out;
+  EXPECT_NE(out.find("distributed.timeout_s"), std::string::npos) << out;
+}

@@ -1,0 +1,115 @@
+// Reductions over ranks: one interface, two implementations.
+//   MPI  (src/comm.cpp): the CPU path; MPI_Iallreduce on host buffers.
+//   NCCL (src/comm_nccl.cu): the GPU path; ncclAllReduce on a communication
+//   stream that waits for
+//        the compute stream by an event, so a gradient bucket is summed while
+//        backward goes on.
+// MPI bootstraps both (rank 0 makes the ncclUniqueId and broadcasts it), and
+// host scalars (loss, token counts, stop signals) always go over MPI.
+//
+// Every collective runs under a watchdog. Entering a collective, a rank tells
+// every peer its collective count (a small MPI message); waiting, it polls. A
+// rank that waits longer than distributed.timeout_s names the peers whose count
+// is behind its own -- the ranks that hung or died before reaching the
+// collective -- and aborts the whole job, so no rank is left hanging.
+#pragma once
+#include <mpi.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ranktune/backend.h"
+#include "ranktune/launch.h"
+#include "ranktune/tensor.h"
+
+namespace ranktune {
+
+class Watchdog {
+public:
+  Watchdog(MPI_Comm comm, double timeout_s);
+  ~Watchdog();
+  Watchdog(const Watchdog &) = delete;
+  Watchdog &operator=(const Watchdog &) = delete;
+
+  // This rank enters its next collective, named `what` for messages.
+  void enter(const std::string &what);
+  // Polls done() until it returns true. After timeout_s (0 = never) it reports
+  // the ranks behind this one, calls on_abort (the NCCL communicator is aborted
+  // there) and ends the job.
+  void wait(const std::function<bool()> &done,
+            const std::function<void()> &on_abort = {});
+  // Reports `error` (an asynchronous NCCL error, say) for the current
+  // collective and ends the job.
+  [[noreturn]] void fail(const std::string &error,
+                         const std::function<void()> &on_abort = {});
+
+private:
+  void drain(); // reads the peers' announcements that have arrived
+  std::string behind() const;
+
+  MPI_Comm comm_;
+  int rank_ = 0, world_ = 1;
+  double timeout_s_;
+  int64_t count_ = 0;
+  std::string what_;
+  std::vector<int64_t> peer_count_;
+  std::vector<MPI_Request> sends_;
+  std::vector<std::unique_ptr<int64_t>> send_values_;
+};
+
+class Communicator {
+public:
+  Communicator(MPI_Comm comm, double timeout_s);
+  virtual ~Communicator() = default;
+  Communicator(const Communicator &) = delete;
+  Communicator &operator=(const Communicator &) = delete;
+
+  int rank() const { return rank_; }
+  int world_size() const { return world_; }
+  virtual std::string name() const = 0; // "NCCL 2.28.3" or "MPI (Open MPI ...)"
+
+  // ---- gradients: f32 tensors on the backend's device, summed in place
+  // ---------------------- Starts summing x over ranks; may return before the
+  // sum is done. Called during backward as the ledger reports gradient buckets
+  // ready.
+  virtual void start_sum(Tensor x) = 0;
+  // Waits until every started sum is done and visible to the backend's later
+  // work.
+  virtual void finish_sums(const std::string &what) = 0;
+  // ZeRO-1: shard[i] = sum over ranks of full[rank * shard.numel() + i]
+  // (reduce-scatter), and full = the shards of every rank, in rank order
+  // (all-gather). full.numel() = world * shard.numel(); shard is a view into
+  // full at this rank's place (in place).
+  virtual void reduce_scatter_sum(Tensor full, Tensor shard) = 0;
+  virtual void all_gather(Tensor full, Tensor shard) = 0;
+
+  // ---- host values: every rank calls these in the same order
+  // ---------------------------------
+  double sum(double x, const std::string &what);
+  int max(int x, const std::string &what);
+  void barrier(const std::string &what);
+
+protected:
+  // Waits for MPI requests under the watchdog.
+  void wait_mpi(std::vector<MPI_Request> &requests,
+                const std::function<void()> &on_abort = {});
+
+  MPI_Comm comm_;
+  int rank_ = 0, world_ = 1;
+  Watchdog watchdog_;
+};
+
+// NCCL when the backend is a GPU (and ranktune was built with CUDA), MPI
+// otherwise. Collective: every rank calls it.
+std::unique_ptr<Communicator> make_communicator(Backend &backend,
+                                                double timeout_s);
+std::unique_ptr<Communicator> make_mpi_communicator(double timeout_s);
+#ifdef RANKTUNE_HAVE_CUDA
+std::unique_ptr<Communicator> make_nccl_communicator(Backend &backend,
+                                                     double timeout_s);
+#endif
+
+} // namespace ranktune
