@@ -1,37 +1,104 @@
 // Whole training steps on the GPU path at the Llama-3.2-1B shape with random weights: forward,
-// backward and optimizer, timed over several steps after warm-up. One JSON line per workload, in
-// the same form as tools/hf_peer_baseline.py prints for the HF peer.
-// Usage: ranktune_bench_step MODE [--gc 0|1] [--steps N] [--batch B] [--seq T] [--layers L]
-//   MODE: lora | full
+// backward and optimizer, timed over several steps after warm-up; and the bf16 GEMM rate of our
+// cuBLASLt path, the denominator of MFU. tools/benchmark.py runs it next to the HF peer.
+//
+// Usage: ranktune_bench_step MODE [--gc 0|1] [--steps N] [--warmup N] [--batch B] [--seq T]
+//                                 [--layers L] [--profile 0|1] [--ranks N] [--iters N]
+//   MODE: lora   LoRA r=16 on all seven projections
+//         full   full fine-tuning
+//         qlora  LoRA over NF4 base weights (not built yet: exits 2 saying so)
+//         gemm   bf16 GEMM TFLOP/s through Backend::matmul on large shapes (--iters per shape)
+//   --profile 1  time every backend op with CUDA events (tools/profiling_backend.h); the op table
+//                goes to stderr and into the JSON line's "profile" field. Profiled steps run slower
+//                (two event records per op), so take throughput from an unprofiled run.
+//   --ranks N    data-parallel ranks under mpirun (only 1 today: exits 2 otherwise); with N > 1,
+//                rank 0 prints the line, with gpus = N and tokens_per_s counting all ranks' tokens
+//
+// Output: exactly one JSON line on stdout, in the form tools/hf_peer_baseline.py prints for the HF
+// peer (peer, mode, gpus, batch_per_gpu, seq, layers, grad_ckpt, params_total, params_trainable,
+// tokens_per_s, step_ms, peak_mem_gib, loss, gpu), plus model_flops_per_token (see
+// flops_per_token below), model_tflops_per_s, steps, warmup, profiled and, with --profile 1,
+// profile: {steps, step_ms, gpu_span_ms, ops_ms, ops: [{op, calls, ms, gflop}]} (per step).
+// gemm mode prints {peer, mode: "gemm", gemm_tflops (best shape), shapes: [...], gpu}.
+// Errors go to stderr; exit 2 for a usage error or a mode that is not available, 1 for a failure.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <cstring>
+#include <cstdlib>
+#include <exception>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "profiling_backend.h"
 #include "ranktune/backend.h"
 #include "ranktune/model.h"
 #include "ranktune/optimizer.h"
 
 using namespace ranktune;
 
-int main(int argc, char** argv) {
-  std::string mode = argc > 1 ? argv[1] : "lora";
-  int gc = 1, steps = 10, warmup = 3;
-  int64_t B = 2, T = 2048, layers = 16;
-  for (int i = 2; i + 1 < argc; i += 2) {
-    const std::string k = argv[i];
-    const long v = std::atol(argv[i + 1]);
-    if (k == "--gc") gc = static_cast<int>(v);
-    else if (k == "--steps") steps = static_cast<int>(v);
-    else if (k == "--batch") B = v;
-    else if (k == "--seq") T = v;
-    else if (k == "--layers") layers = v;
+namespace {
+
+constexpr const char* kUsage =
+    "usage: ranktune_bench_step lora|full|qlora|gemm [--gc 0|1] [--steps N] [--warmup N] [--batch B]\n"
+    "                           [--seq T] [--layers L] [--profile 0|1] [--ranks N] [--iters N]\n";
+
+[[noreturn]] void usage_error(const std::string& msg) {
+  std::fprintf(stderr, "ranktune_bench_step: %s\n%s", msg.c_str(), kUsage);
+  std::exit(2);
+}
+
+[[noreturn]] void not_available(const std::string& msg) {
+  std::fprintf(stderr, "ranktune_bench_step: not available: %s\n", msg.c_str());
+  std::exit(2);
+}
+
+struct Args {
+  std::string mode;
+  int gc = 1, steps = 10, warmup = 3, profile = 0, ranks = 1, iters = 50;
+  int64_t batch = 2, seq = 2048, layers = 16;
+};
+
+Args parse_args(int argc, char** argv) {
+  if (argc < 2) usage_error("missing MODE");
+  Args a;
+  a.mode = argv[1];
+  if (a.mode != "lora" && a.mode != "full" && a.mode != "qlora" && a.mode != "gemm")
+    usage_error("unknown MODE '" + a.mode + "'");
+  for (int i = 2; i < argc; i += 2) {
+    const std::string key = argv[i];
+    if (i + 1 >= argc) usage_error(key + " needs a value");
+    char* end = nullptr;
+    const long v = std::strtol(argv[i + 1], &end, 10);
+    if (*argv[i + 1] == '\0' || *end != '\0') usage_error(key + ": '" + argv[i + 1] + "' is not an integer");
+    if (key == "--gc") a.gc = static_cast<int>(v);
+    else if (key == "--steps") a.steps = static_cast<int>(v);
+    else if (key == "--warmup") a.warmup = static_cast<int>(v);
+    else if (key == "--batch") a.batch = v;
+    else if (key == "--seq") a.seq = v;
+    else if (key == "--layers") a.layers = v;
+    else if (key == "--profile") a.profile = static_cast<int>(v);
+    else if (key == "--ranks") a.ranks = static_cast<int>(v);
+    else if (key == "--iters") a.iters = static_cast<int>(v);
+    else usage_error("unknown option '" + key + "'");
   }
+  if (a.steps < 1 || a.warmup < 0 || a.batch < 1 || a.seq < 2 || a.layers < 1 || a.iters < 1 || a.ranks < 1)
+    usage_error("--steps, --batch, --layers, --iters, --ranks must be >= 1, --seq >= 2, --warmup >= 0");
+  return a;
+}
+
+// How many processes the launcher started (mpirun, or 1 when run bare).
+int launched_ranks() {
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"})
+    if (const char* s = std::getenv(var)) return std::atoi(s);
+  return 1;
+}
+
+LlamaArch llama_3_2_1b(int64_t layers) {
   LlamaArch a;
   a.vocab_size = 128256;
   a.hidden_size = 2048;
@@ -45,23 +112,149 @@ int main(int argc, char** argv) {
   a.max_position_embeddings = 131072;
   a.tie_word_embeddings = true;
   a.rope_scaling = {"llama3", 32.0, 1.0, 4.0, 8192};
+  return a;
+}
+
+// Model FLOPs per trained token, the numerator of MFU. A copy of flops_per_token in
+// src/trainer.cpp (keep the two equal): 6 FLOPs per weight (forward 2, data gradient 2, weight
+// gradient 2) for full fine-tuning, 4 for LoRA (no base-weight gradients; the adapters' own FLOPs
+// are left out); the LM head counted once even when tied (the embedding lookup is no GEMM); causal
+// attention 6 * layers * seq * heads * head_dim (QK^T and PV over half of the T x T scores, forward
+// and backward). Recompute under checkpointing is not counted, as MFU conventionally does not.
+double flops_per_token(const LlamaArch& a, bool full, int64_t seq) {
+  const double VC = static_cast<double>(a.vocab_size * a.hidden_size);
+  const double layers = static_cast<double>(a.n_params()) - VC * (a.tie_word_embeddings ? 1 : 2) -
+                        static_cast<double>(a.hidden_size);
+  const double per_weight = full ? 6.0 : 4.0;
+  const double attn = 6.0 * static_cast<double>(a.n_layers * seq * a.n_heads * a.head_dim);
+  return per_weight * (layers + VC) + attn;
+}
+
+std::string gpu_name() {
+  cudaDeviceProp prop{};
+  BENCH_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  return prop.name;
+}
+
+// A bf16 matrix of uniform values in [-1, 1): GEMMs over zeros draw less power and would run at
+// clocks a real workload never sees.
+Tensor random_bf16(Backend& be, std::vector<Buffer>& keep, int64_t rows, int64_t cols, uint64_t seed) {
+  keep.push_back(be.alloc(static_cast<size_t>(rows * cols) * 2));
+  Tensor t = keep.back().as(DType::bf16, {rows, cols});
+  std::vector<uint16_t> host(static_cast<size_t>(rows * cols));
+  uint64_t state = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (auto& h : host) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    h = f32_to_bf16(static_cast<float>(state >> 40) * (2.0f / 16777216.0f) - 1.0f);
+  }
+  be.upload(t, host.data());
+  return t;
+}
+
+// bf16 GEMM TFLOP/s of Backend::matmul (cuBLASLt) in the model's forward layout, out = a b^T with
+// a [M,K], b [N,K] (nn.Linear), on a large square shape and the 1B model's two biggest layer GEMMs.
+// The best of them is what tools/benchmark.py divides model FLOPs by for MFU.
+int run_gemm_probe(const Args& args) {
+  auto be = make_cuda_backend(0);
+  struct Shape {
+    const char* name;
+    int64_t m, n, k;
+  };
+  const Shape shapes[] = {{"square 8192x8192x8192", 8192, 8192, 8192},
+                          {"gate_up fwd [4096x2048]x[2048x16384]", 4096, 16384, 2048},
+                          {"down fwd [4096x8192]x[8192x2048]", 4096, 2048, 8192}};
+  cudaStream_t stream = static_cast<cudaStream_t>(be->native_stream());
+  cudaEvent_t start = nullptr, stop = nullptr;
+  BENCH_CUDA_CHECK(cudaEventCreate(&start));
+  BENCH_CUDA_CHECK(cudaEventCreate(&stop));
+  nlohmann::json rows = nlohmann::json::array();
+  double best = 0;
+  std::string best_name;
+  for (const Shape& s : shapes) {
+    std::vector<Buffer> keep;
+    Tensor a = random_bf16(*be, keep, s.m, s.k, 1), b = random_bf16(*be, keep, s.n, s.k, 2);
+    keep.push_back(be->alloc(static_cast<size_t>(s.m * s.n) * 2));
+    Tensor out = keep.back().as(DType::bf16, {s.m, s.n});
+    for (int i = 0; i < 5; ++i) be->matmul(out, a, b, false, true, 1.f, 0.f);
+    BENCH_CUDA_CHECK(cudaEventRecord(start, stream));
+    for (int i = 0; i < args.iters; ++i) be->matmul(out, a, b, false, true, 1.f, 0.f);
+    BENCH_CUDA_CHECK(cudaEventRecord(stop, stream));
+    BENCH_CUDA_CHECK(cudaEventSynchronize(stop));
+    float total_ms = 0;
+    BENCH_CUDA_CHECK(cudaEventElapsedTime(&total_ms, start, stop));
+    const double ms = total_ms / args.iters;
+    const double tflops = 2.0 * static_cast<double>(s.m) * static_cast<double>(s.n) * static_cast<double>(s.k) /
+                          (ms * 1e-3) / 1e12;
+    rows.push_back({{"name", s.name}, {"m", s.m}, {"n", s.n}, {"k", s.k}, {"ms", ms}, {"tflops", tflops}});
+    std::fprintf(stderr, "gemm %-40s %8.3f ms %7.1f TFLOP/s\n", s.name, ms, tflops);
+    if (tflops > best) {
+      best = tflops;
+      best_name = s.name;
+    }
+  }
+  BENCH_CUDA_CHECK(cudaEventDestroy(start));
+  BENCH_CUDA_CHECK(cudaEventDestroy(stop));
+  nlohmann::json j = {{"peer", "ranktune"}, {"mode", "gemm"},       {"gemm_tflops", best},
+                      {"gemm_shape", best_name}, {"iters", args.iters}, {"shapes", rows},
+                      {"gpu", gpu_name()}};
+  std::printf("%s\n", j.dump().c_str());
+  return 0;
+}
+
+nlohmann::json profile_json(const bench::ProfilingBackend& prof, double step_ms) {
+  nlohmann::json ops = nlohmann::json::array();
+  double ops_ms = 0;
+  for (const auto& r : prof.rows()) {
+    ops.push_back({{"op", r.op}, {"calls", r.calls}, {"ms", r.ms}, {"gflop", r.gflop}});
+    ops_ms += r.ms;
+  }
+  return {{"steps", prof.steps()}, {"step_ms", step_ms}, {"gpu_span_ms", prof.gpu_span_ms()},
+          {"ops_ms", ops_ms},      {"ops", ops}};
+}
+
+void print_profile(const nlohmann::json& p) {
+  const double step_ms = p["step_ms"].get<double>();
+  std::fprintf(stderr, "\nop profile, per step (mean of %d profiled steps; CUDA events around each op)\n",
+               p["steps"].get<int>());
+  std::fprintf(stderr, "%-40s %8s %10s %7s %9s\n", "op", "calls", "ms", "%", "TFLOP/s");
+  for (const auto& r : p["ops"]) {
+    const double ms = r["ms"].get<double>(), gflop = r["gflop"].get<double>();
+    std::fprintf(stderr, "%-40s %8.0f %10.3f %6.1f%% %9s\n", r["op"].get<std::string>().c_str(),
+                 r["calls"].get<double>(), ms, 100 * ms / step_ms,
+                 gflop > 0 && ms > 0 ? std::to_string(static_cast<int>(gflop / ms)).c_str() : "-");
+  }
+  const double ops_ms = p["ops_ms"].get<double>(), span = p["gpu_span_ms"].get<double>();
+  std::fprintf(stderr, "%-40s %8s %10.3f %6.1f%%\n", "sum of ops", "", ops_ms, 100 * ops_ms / step_ms);
+  std::fprintf(stderr, "%-40s %8s %10.3f %6.1f%%\n", "GPU idle between ops (host-bound gaps)", "",
+               span - ops_ms, 100 * (span - ops_ms) / step_ms);
+  std::fprintf(stderr, "%-40s %8s %10.3f %6.1f%%\n", "outside the ops' span (host, sync)", "",
+               step_ms - span, 100 * (step_ms - span) / step_ms);
+  std::fprintf(stderr, "%-40s %8s %10.3f\n", "step wall time (profiled)", "", step_ms);
+}
+
+int run_training(const Args& args) {
+  const LlamaArch a = llama_3_2_1b(args.layers);
+  const int64_t B = args.batch, T = args.seq;
   ModelOptions o;
   o.arch = a;
-  o.lora = mode == "lora";
-  o.train_base = !o.lora;
+  o.lora = args.mode == "lora";
+  o.train_base = args.mode == "full";
   o.lora_r = 16;
   o.lora_scaling = 1.0f;
   o.lora_targets = lora_module_names();
-  o.checkpointing = gc ? Checkpointing::on : Checkpointing::off;
+  o.checkpointing = args.gc ? Checkpointing::on : Checkpointing::off;
   o.max_batch = B;
   o.max_seq = T;
   // Memory is counted from after context creation, like torch.cuda.max_memory_allocated; ranktune
   // allocates everything up front, so what is in use after the steps is the peak.
-  cudaFree(nullptr);
-  size_t free_start = 0, total = 0;
-  cudaMemGetInfo(&free_start, &total);
-  auto be = make_cuda_backend(0);
-  LlamaModel model(*be, o);
+  BENCH_CUDA_CHECK(cudaFree(nullptr));
+  size_t free_start = 0, free_end = 0, total = 0;
+  BENCH_CUDA_CHECK(cudaMemGetInfo(&free_start, &total));
+  std::unique_ptr<Backend> cuda = make_cuda_backend(0);
+  std::unique_ptr<bench::ProfilingBackend> prof;
+  if (args.profile) prof = std::make_unique<bench::ProfilingBackend>(*cuda, a.vocab_size, o.lora ? o.lora_r : 0);
+  Backend& be = prof ? static_cast<Backend&>(*prof) : *cuda;
+  LlamaModel model(be, o);
   model.init_base_random(1);
   if (o.lora) model.init_lora(2);
   TrainingSection tc;
@@ -69,7 +262,7 @@ int main(int argc, char** argv) {
   tc.adam_beta1 = 0.9;
   tc.adam_beta2 = 0.999;
   tc.adam_epsilon = 1e-8;
-  Optimizer opt(*be, model.trainable(), tc);
+  Optimizer opt(be, model.trainable(), tc);
   std::vector<int32_t> tokens(static_cast<size_t>(B * T)), targets(tokens.size()), positions(tokens.size());
   uint64_t state = 1234;
   for (size_t i = 0; i < tokens.size(); ++i) {
@@ -89,31 +282,62 @@ int main(int argc, char** argv) {
     model.ledger().end_step();
     opt.step(2e-4, 1.0f);
   };
-  for (int i = 0; i < warmup; ++i) step();
-  be->synchronize();
+  for (int i = 0; i < args.warmup; ++i) step();
+  be.synchronize();
+  if (prof) prof->set_recording(true);
   const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < steps; ++i) step();
-  be->synchronize();
+  for (int i = 0; i < args.steps; ++i) {
+    step();
+    if (prof) prof->end_step();
+  }
+  be.synchronize();
   const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  size_t free_end = 0;
-  cudaMemGetInfo(&free_end, &total);
-  cudaDeviceProp prop{};
-  cudaGetDeviceProperties(&prop, 0);
-  const double tokens_per_s = static_cast<double>(B * T * steps) / dt;
+  BENCH_CUDA_CHECK(cudaMemGetInfo(&free_end, &total));
+  const double tokens_per_s = static_cast<double>(B * T * args.steps) / dt;
+  const double step_ms = 1000 * dt / args.steps;
+  const double fpt = flops_per_token(a, o.train_base, T);
   nlohmann::json j = {{"peer", "ranktune"},
-                      {"mode", mode},
-                      {"gpus", 1},
+                      {"mode", args.mode},
+                      {"gpus", args.ranks},
                       {"batch_per_gpu", B},
                       {"seq", T},
-                      {"layers", layers},
-                      {"grad_ckpt", gc},
+                      {"layers", args.layers},
+                      {"grad_ckpt", args.gc},
                       {"params_total", a.n_params()},
                       {"params_trainable", model.trainable().numel},
                       {"tokens_per_s", static_cast<int64_t>(tokens_per_s)},
-                      {"step_ms", 1000 * dt / steps},
+                      {"step_ms", step_ms},
                       {"peak_mem_gib", static_cast<double>(free_start - free_end) / (1 << 30)},
                       {"loss", loss},
-                      {"gpu", prop.name}};
+                      {"gpu", gpu_name()},
+                      {"model_flops_per_token", fpt},
+                      {"model_tflops_per_s", fpt * tokens_per_s / 1e12},
+                      {"steps", args.steps},
+                      {"warmup", args.warmup},
+                      {"profiled", args.profile ? 1 : 0}};
+  if (prof) {
+    j["profile"] = profile_json(*prof, step_ms);
+    print_profile(j["profile"]);
+  }
   std::printf("%s\n", j.dump().c_str());
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Args args = parse_args(argc, argv);
+  if (args.mode == "qlora") not_available("QLoRA (NF4 base weights) is not built into ranktune yet");
+  if (args.ranks != 1)
+    not_available("--ranks " + std::to_string(args.ranks) +
+                  ": data parallel over NCCL is not built into ranktune_bench_step yet");
+  if (launched_ranks() != args.ranks)
+    usage_error("launched as " + std::to_string(launched_ranks()) + " processes but --ranks is " +
+                std::to_string(args.ranks));
+  try {
+    return args.mode == "gemm" ? run_gemm_probe(args) : run_training(args);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ranktune_bench_step: %s\n", e.what());
+    return 1;
+  }
 }
