@@ -82,7 +82,7 @@ std::vector<ProfileRow> ProfilingBackend::rows() const {
 // trans_a, f32 out into the gradient slot); recompute under checkpointing counts as forward.
 std::string ProfilingBackend::gemm_name(const Tensor& out, int64_t m, int64_t n, int64_t k, bool trans_a,
                                         bool trans_b) const {
-  const char* role = !trans_a && trans_b ? "fwd" : !trans_a && !trans_b ? "dgrad" : trans_a && !trans_b ? "wgrad" : "a^T b^T";
+  const char* role = !trans_a ? (trans_b ? "fwd" : "dgrad") : (trans_b ? "a^T b^T" : "wgrad");
   const char* part = "layers";
   if (vocab_ > 0 && (m == vocab_ || n == vocab_ || k == vocab_)) part = "lm_head";
   else if (lora_r_ > 0 && std::min({m, n, k}) == lora_r_) part = "lora";
