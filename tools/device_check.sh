@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session in one call: build for the GPU, run the gpu tests, the quickstart on the GPU,
 # the op and step benchmarks and (optionally) the HF peer; logs under $OUT (default ./device-out).
-# Usage: tools/device_check.sh [stages...]   stages: build tests quickstart env bench_ops bench_step hf
+# Usage: tools/device_check.sh [stages...]   stages: build tests quickstart env bench_ops bench_step hf benchmark
+#   benchmark: tools/benchmark.py, ranktune and the HF peer in one table (report in $OUT/benchmark/report.md);
+#              BENCHMARK_ARGS passes it more flags, e.g. BENCHMARK_ARGS="--workloads a,c --skip-hf".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device-out}
@@ -45,5 +47,10 @@ for stage in $stages; do
         python3 tools/hf_peer_baseline.py $args --steps 10 --warmup 3 >> "$OUT/hf_peer.log" 2>&1
       done
       grep '^{' "$OUT/hf_peer.log" ;;
+    benchmark)
+      log benchmark: ranktune and the HF peer, one table
+      mkdir -p "$OUT/benchmark"
+      python3 tools/benchmark.py --build-dir $build --out "$OUT/benchmark" ${BENCHMARK_ARGS:-} 2>&1 |
+        tee "$OUT/benchmark/console.log" ;;
   esac
 done
