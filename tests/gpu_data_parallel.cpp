@@ -1,0 +1,88 @@
+// Data parallel on two GPUs (NCCL): 2 ranks with batch b train what 1 rank with batch 2b trains,
+// within bf16 tolerance (GEMMs of other shapes round differently; the gradients are summed in fp32).
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "gpu_skip.h"
+#include "ranktune/safetensors.h"
+#include "subprocess.h"
+
+namespace {
+
+std::vector<double> losses(const std::string& dir) {
+  std::ifstream in(dir + "/metrics.jsonl");
+  std::vector<double> out;
+  std::string line;
+  while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line)["loss"].get<double>());
+  return out;
+}
+
+void check_two_gpus_equal_one(bool lora) {
+  SKIP_WITHOUT_GPU();
+  int count = 0;
+  (void)cudaGetDeviceCount(&count);
+  if (count < 2) GTEST_SKIP() << "needs 2 GPUs, this machine has " << count;
+  const std::string dir = fresh_temp_dir(std::string("gpu_dp_") + (lora ? "lora" : "full"));
+  std::ofstream(dir + "/run.yaml")
+      << "model:\n"
+         "  architecture: {vocab_size: 512, hidden_size: 256, intermediate_size: 512, num_hidden_layers: 4,\n"
+         "                 num_attention_heads: 8, num_key_value_heads: 2, max_position_embeddings: 256,\n"
+         "                 tie_word_embeddings: true}\n"
+         "  tokenizer: byte\n"
+         "  max_seq_length: 64\n"
+         "lora: {enabled: "
+      << (lora ? "true" : "false")
+      << ", r: 8, lora_alpha: 16}\n"
+         "data: {train_file: jobs/data/quickstart/train.jsonl, format: prompt_completion, packing: true}\n"
+         "training: {max_steps: 10, learning_rate: 2.0e-3, warmup_steps: 2, gradient_accumulation_steps: 2}\n"
+         "logging: {logging_steps: 1}\n";
+  const std::string bin = RANKTUNE_BINARY;
+  const CommandResult two = run_command(std::string(RANKTUNE_MPIEXEC) + " --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 " +
+                                            bin + " train " + dir + "/run.yaml --set model.enable_multi_gpu=true" +
+                                            " --set training.per_device_train_batch_size=2 --set training.output_dir=" +
+                                            dir + "/two",
+                                        1);
+  ASSERT_EQ(two.code, 0) << two.output;
+  EXPECT_NE(two.output.find("Multi-GPU training enabled: 2 ranks x 1 GPU, data parallel over NCCL"), std::string::npos)
+      << two.output;
+  EXPECT_NE(two.output.find("rank 1: "), std::string::npos) << two.output;
+  EXPECT_NE(two.output.find("cuda:1"), std::string::npos) << two.output;
+  const CommandResult one = run_command(bin + " train " + dir + "/run.yaml --set training.per_device_train_batch_size=4" +
+                                            " --set training.output_dir=" + dir + "/one",
+                                        1);
+  ASSERT_EQ(one.code, 0) << one.output;
+  const auto a = losses(dir + "/two"), b = losses(dir + "/one");
+  ASSERT_EQ(a.size(), 10u);
+  ASSERT_EQ(b.size(), 10u);
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs(a[i] - b[i]) / std::fabs(b[i]));
+  std::printf("[%s] 2 GPUs vs 1: largest relative loss difference over 10 steps %.3e (first %.4f, last %.4f)\n",
+              lora ? "lora" : "full", worst, b.front(), b.back());
+  EXPECT_LT(worst, 1e-2);
+  EXPECT_LT(b.back(), b.front());
+  if (!lora) return;
+  ranktune::SafetensorsFile x(dir + "/two/adapter/adapter_model.safetensors"),
+      y(dir + "/one/adapter/adapter_model.safetensors");
+  double worst_w = 0;
+  for (const auto& name : x.names()) {
+    const auto p = x.read_f32(name), q = y.read_f32(name);
+    double num = 0, den = 0;
+    for (size_t i = 0; i < p.size(); ++i) num += (p[i] - q[i]) * (p[i] - q[i]), den += q[i] * q[i];
+    worst_w = std::max(worst_w, std::sqrt(num / den));
+  }
+  std::printf("[lora] 2 GPUs vs 1: largest relative L2 difference of an adapter tensor after 10 steps %.3e\n", worst_w);
+  EXPECT_LT(worst_w, 3e-2);
+}
+
+}  // namespace
+
+TEST(GpuDataParallel, TwoGpusEqualOneGpuWithTwiceTheBatchLora) { check_two_gpus_equal_one(true); }
+TEST(GpuDataParallel, TwoGpusEqualOneGpuWithTwiceTheBatchFull) { check_two_gpus_equal_one(false); }
