@@ -108,23 +108,20 @@ std::string Watchdog::behind() const {
 void Watchdog::wait(const std::function<bool()> &done,
                     const std::function<void()> &on_abort) {
   const auto start = std::chrono::steady_clock::now();
-  auto pause = std::chrono::microseconds(1);
-  while (!done()) {
-    if (timeout_s_ > 0 &&
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
-                .count() > timeout_s_) {
+  for (;;) {
+    if (done()) return;
+    const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (timeout_s_ > 0 && waited > timeout_s_) {
       drain();
       char secs[32];
       std::snprintf(secs, sizeof secs, "%g", timeout_s_);
-      fail(std::string("waited ") + secs + " s (distributed.timeout_s) in " +
-               what_ + ": " + behind(),
-           on_abort);
+      fail(std::string("waited ") + secs + " s (distributed.timeout_s) in " + what_ + ": " + behind(), on_abort);
     }
-    // Spin briefly (collectives usually finish within microseconds of the last
-    // peer arriving), then back off to a millisecond so a long wait costs no
-    // CPU.
-    std::this_thread::sleep_for(pause);
-    pause = std::min(pause * 2, std::chrono::microseconds(1000));
+    // Spin for the first second: a collective usually completes within microseconds of its last
+    // peer arriving, and a sleeping waiter would add its oversleep to every step. After that, a
+    // long wait costs no CPU.
+    if (waited < 1.0) std::this_thread::yield();
+    else std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
 }
 
