@@ -45,15 +45,24 @@ Options parse(int argc, char** argv) {
     const std::string key = argv[i];
     RT_REQUIRE(i + 1 < argc, std::string(kUsage) + key + " needs a value");
     const std::string value = argv[i + 1];
-    if (key == "--model") o.model_dir = value;
-    else if (key == "--adapter") o.adapter_dir = value;
-    else if (key == "--device") o.device = value;
-    else if (key == "--tokens") o.tokens_file = value;
-    else if (key == "--out") o.out = value;
-    else if (key == "--seed") o.seed = std::stoull(value), o.have_seed = true;
-    else if (key == "--batch") o.batch = std::stoll(value);
-    else if (key == "--seq") o.seq = std::stoll(value);
-    else throw UserError(std::string(kUsage) + "unknown option " + key);
+    if (key == "--model")
+      o.model_dir = value;
+    else if (key == "--adapter")
+      o.adapter_dir = value;
+    else if (key == "--device")
+      o.device = value;
+    else if (key == "--tokens")
+      o.tokens_file = value;
+    else if (key == "--out")
+      o.out = value;
+    else if (key == "--seed")
+      o.seed = std::stoull(value), o.have_seed = true;
+    else if (key == "--batch")
+      o.batch = std::stoll(value);
+    else if (key == "--seq")
+      o.seq = std::stoll(value);
+    else
+      throw UserError(std::string(kUsage) + "unknown option " + key);
   }
   RT_REQUIRE(!o.model_dir.empty() && !o.out.empty(), std::string(kUsage) + "give --model and --out");
   RT_REQUIRE(o.tokens_file.empty() != !o.have_seed, std::string(kUsage) + "give either --tokens or --seed");
@@ -96,8 +105,8 @@ int run(const Options& o) {
     ids = random_ids(o.seed, B * T, arch.vocab_size);
   }
   for (int32_t id : ids)
-    RT_REQUIRE(id >= 0 && id < arch.vocab_size, "token id " + std::to_string(id) + " is outside the vocabulary of " +
-                                                    std::to_string(arch.vocab_size));
+    RT_REQUIRE(id >= 0 && id < arch.vocab_size,
+               "token id " + std::to_string(id) + " is outside the vocabulary of " + std::to_string(arch.vocab_size));
 
   ModelOptions mo;
   mo.arch = arch;
@@ -125,7 +134,8 @@ int run(const Options& o) {
       positions[i] = static_cast<int32_t>(t);
     }
   std::vector<float> logits;
-  const double loss_sum = model.forward_loss(ModelInputs{B, T, ids.data(), targets.data(), positions.data(), nullptr}, &logits);
+  const double loss_sum =
+      model.forward_loss(ModelInputs{B, T, ids.data(), targets.data(), positions.data(), nullptr}, &logits);
   const float loss = static_cast<float>(loss_sum / static_cast<double>(B * (T - 1)));
 
   SafetensorsWriter w;
