@@ -245,7 +245,10 @@ void require_finite(const std::vector<T>& v, const std::string& what, const std:
                                         std::to_string(i) + " (the run has diverged: lower training.learning_rate)");
 }
 
-std::vector<float> master_values(LlamaModel& model, const ParamGroup& g, const ParamSpec& p) {
+std::vector<float> master_values(LlamaModel& model, const Optimizer& optimizer, const ParamGroup& g,
+                                 const ParamSpec& p) {
+  std::vector<float> held;
+  if (optimizer.master_values(p, &held)) return held;  // ZeRO-1: gathered from the shards
   if (g.master.empty() || g.master.dtype != DType::f32) return model.get_tensor(p.name);
   std::vector<float> out(static_cast<size_t>(p.numel));
   model.backend().download(out.data(), g.master_view(p));
@@ -283,7 +286,7 @@ void save_checkpoint(const std::string& path, LlamaModel& model, const Optimizer
   // Everything comes to the host and is checked before the first byte is written.
   std::vector<std::vector<float>> weights;
   for (const ParamSpec& p : params.specs) {
-    weights.push_back(master_values(model, params, p));
+    weights.push_back(master_values(model, optimizer, params, p));
     require_finite(weights.back(), "weight " + p.name, path);
   }
   const OptimizerState opt = optimizer.state();

@@ -27,13 +27,12 @@ std::string mpi_library_version() {
   return comma == std::string::npos ? v : v.substr(0, comma);
 }
 
-} // namespace
+}  // namespace
 
 // ---- watchdog
 // ----------------------------------------------------------------------------------
 
-Watchdog::Watchdog(MPI_Comm comm, double timeout_s)
-    : comm_(comm), timeout_s_(timeout_s) {
+Watchdog::Watchdog(MPI_Comm comm, double timeout_s) : comm_(comm), timeout_s_(timeout_s) {
   MPI_Comm_rank(comm_, &rank_);
   MPI_Comm_size(comm_, &world_);
   peer_count_.assign(static_cast<size_t>(world_), 0);
@@ -42,16 +41,14 @@ Watchdog::Watchdog(MPI_Comm comm, double timeout_s)
 Watchdog::~Watchdog() {
   // Announcements still in flight are small and were sent eagerly; cancel what
   // is left.
-  for (MPI_Request &r : sends_)
-    if (r != MPI_REQUEST_NULL)
-      MPI_Request_free(&r);
+  for (MPI_Request& r : sends_)
+    if (r != MPI_REQUEST_NULL) MPI_Request_free(&r);
 }
 
-void Watchdog::enter(const std::string &what) {
+void Watchdog::enter(const std::string& what) {
   ++count_;
   what_ = what;
-  if (world_ == 1)
-    return;
+  if (world_ == 1) return;
   // Completed announcements are let go; each new one owns its value until MPI
   // is done with it.
   for (size_t i = 0; i < sends_.size();) {
@@ -65,12 +62,10 @@ void Watchdog::enter(const std::string &what) {
     }
   }
   for (int peer = 0; peer < world_; ++peer) {
-    if (peer == rank_)
-      continue;
+    if (peer == rank_) continue;
     send_values_.push_back(std::make_unique<int64_t>(count_));
     sends_.push_back(MPI_REQUEST_NULL);
-    MPI_Isend(send_values_.back().get(), 1, MPI_INT64_T, peer, kHeartbeatTag,
-              comm_, &sends_.back());
+    MPI_Isend(send_values_.back().get(), 1, MPI_INT64_T, peer, kHeartbeatTag, comm_, &sends_.back());
   }
 }
 
@@ -79,12 +74,10 @@ void Watchdog::drain() {
     int flag = 0;
     MPI_Status st;
     MPI_Iprobe(MPI_ANY_SOURCE, kHeartbeatTag, comm_, &flag, &st);
-    if (!flag)
-      return;
+    if (!flag) return;
     int64_t value = 0;
-    MPI_Recv(&value, 1, MPI_INT64_T, st.MPI_SOURCE, kHeartbeatTag, comm_,
-             MPI_STATUS_IGNORE);
-    int64_t &seen = peer_count_[static_cast<size_t>(st.MPI_SOURCE)];
+    MPI_Recv(&value, 1, MPI_INT64_T, st.MPI_SOURCE, kHeartbeatTag, comm_, MPI_STATUS_IGNORE);
+    int64_t& seen = peer_count_[static_cast<size_t>(st.MPI_SOURCE)];
     seen = std::max(seen, value);
   }
 }
@@ -93,20 +86,17 @@ std::string Watchdog::behind() const {
   std::string ranks;
   int n = 0;
   for (int peer = 0; peer < world_; ++peer) {
-    if (peer == rank_ || peer_count_[static_cast<size_t>(peer)] >= count_)
-      continue;
+    if (peer == rank_ || peer_count_[static_cast<size_t>(peer)] >= count_) continue;
     ranks += (n++ ? ", " : "") + std::to_string(peer);
   }
   if (n == 0)
     return "every rank reached it, so the collective itself is stuck (a "
            "network or NCCL problem)";
-  return std::string(n == 1 ? "rank " : "ranks ") + ranks +
-         (n == 1 ? " has" : " have") +
+  return std::string(n == 1 ? "rank " : "ranks ") + ranks + (n == 1 ? " has" : " have") +
          " not reached it (hung or died before it)";
 }
 
-void Watchdog::wait(const std::function<bool()> &done,
-                    const std::function<void()> &on_abort) {
+void Watchdog::wait(const std::function<bool()>& done, const std::function<void()>& on_abort) {
   const auto start = std::chrono::steady_clock::now();
   for (;;) {
     if (done()) return;
@@ -120,21 +110,21 @@ void Watchdog::wait(const std::function<bool()> &done,
     // Spin for the first second: a collective usually completes within microseconds of its last
     // peer arriving, and a sleeping waiter would add its oversleep to every step. After that, a
     // long wait costs no CPU.
-    if (waited < 1.0) std::this_thread::yield();
-    else std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    if (waited < 1.0)
+      std::this_thread::yield();
+    else
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
 }
 
-void Watchdog::fail(const std::string &error,
-                    const std::function<void()> &on_abort) {
+void Watchdog::fail(const std::string& error, const std::function<void()>& on_abort) {
   std::fprintf(stderr,
                "ranktune: rank %d: %s. Aborting every rank. (If steps are "
                "legitimately this slow, raise "
                "distributed.timeout_s.)\n",
                rank_, error.c_str());
   std::fflush(stderr);
-  if (on_abort)
-    on_abort();
+  if (on_abort) on_abort();
   MPI_Abort(comm_, 1);
   std::_Exit(1);
 }
@@ -142,27 +132,23 @@ void Watchdog::fail(const std::string &error,
 // ---- the communicator's host-value collectives
 // -----------------------------------------------------
 
-Communicator::Communicator(MPI_Comm comm, double timeout_s)
-    : comm_(comm), watchdog_(comm, timeout_s) {
+Communicator::Communicator(MPI_Comm comm, double timeout_s) : comm_(comm), watchdog_(comm, timeout_s) {
   MPI_Comm_rank(comm_, &rank_);
   MPI_Comm_size(comm_, &world_);
 }
 
-void Communicator::wait_mpi(std::vector<MPI_Request> &requests,
-                            const std::function<void()> &on_abort) {
+void Communicator::wait_mpi(std::vector<MPI_Request>& requests, const std::function<void()>& on_abort) {
   watchdog_.wait(
       [&] {
         int done = 0;
-        MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done,
-                    MPI_STATUSES_IGNORE);
+        MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done, MPI_STATUSES_IGNORE);
         return done != 0;
       },
       on_abort);
 }
 
-double Communicator::sum(double x, const std::string &what) {
-  if (world_ == 1)
-    return x;
+double Communicator::sum(double x, const std::string& what) {
+  if (world_ == 1) return x;
   watchdog_.enter(what);
   double out = 0;
   std::vector<MPI_Request> req(1);
@@ -171,9 +157,8 @@ double Communicator::sum(double x, const std::string &what) {
   return out;
 }
 
-int Communicator::max(int x, const std::string &what) {
-  if (world_ == 1)
-    return x;
+int Communicator::max(int x, const std::string& what) {
+  if (world_ == 1) return x;
   watchdog_.enter(what);
   int out = 0;
   std::vector<MPI_Request> req(1);
@@ -182,9 +167,8 @@ int Communicator::max(int x, const std::string &what) {
   return out;
 }
 
-void Communicator::barrier(const std::string &what) {
-  if (world_ == 1)
-    return;
+void Communicator::barrier(const std::string& what) {
+  if (world_ == 1) return;
   watchdog_.enter(what);
   std::vector<MPI_Request> req(1);
   MPI_Ibarrier(comm_, &req[0]);
@@ -197,83 +181,76 @@ void Communicator::barrier(const std::string &what) {
 namespace {
 
 class MpiCommunicator final : public Communicator {
-public:
-  explicit MpiCommunicator(double timeout_s)
-      : Communicator(MPI_COMM_WORLD, timeout_s) {}
+ public:
+  explicit MpiCommunicator(double timeout_s) : Communicator(MPI_COMM_WORLD, timeout_s) {}
 
-  std::string name() const override {
-    return "MPI (" + mpi_library_version() + ")";
-  }
+  std::string name() const override { return "MPI (" + mpi_library_version() + ")"; }
 
   void start_sum(Tensor x) override {
-    if (world_ == 1)
-      return;
+    if (world_ == 1) return;
     check(x, "start_sum");
     pending_.push_back(MPI_REQUEST_NULL);
-    MPI_Iallreduce(MPI_IN_PLACE, x.ptr<float>(), static_cast<int>(x.numel()),
-                   MPI_FLOAT, MPI_SUM, comm_, &pending_.back());
+    MPI_Iallreduce(MPI_IN_PLACE, x.ptr<float>(), static_cast<int>(x.numel()), MPI_FLOAT, MPI_SUM, comm_,
+                   &pending_.back());
   }
 
-  void finish_sums(const std::string &what) override {
-    if (world_ == 1 || pending_.empty())
-      return;
+  void finish_sums(const std::string& what) override {
+    if (world_ == 1 || pending_.empty()) return;
     watchdog_.enter(what);
     wait_mpi(pending_);
     pending_.clear();
   }
 
-  void reduce_scatter_sum(Tensor full, Tensor shard) override {
+  void reduce_scatter_sum(Tensor full, const std::vector<int64_t>& offsets) override {
     check(full, "reduce_scatter_sum");
-    RT_ASSERT(full.numel() == shard.numel() * world_,
-              "reduce_scatter_sum: full is not world x shard");
-    if (world_ == 1)
-      return;
+    if (world_ == 1) return;
     watchdog_.enter("the gradient reduce-scatter");
-    std::vector<float> mine(static_cast<size_t>(shard.numel()));
+    std::vector<int> counts = shard_counts(offsets);
+    std::vector<float> mine(static_cast<size_t>(counts[static_cast<size_t>(rank_)]));
     std::vector<MPI_Request> req(1);
-    MPI_Ireduce_scatter_block(full.ptr<float>(), mine.data(),
-                              static_cast<int>(shard.numel()), MPI_FLOAT,
-                              MPI_SUM, comm_, &req[0]);
+    MPI_Ireduce_scatter(full.ptr<float>(), mine.data(), counts.data(), MPI_FLOAT, MPI_SUM, comm_, &req[0]);
     wait_mpi(req);
-    std::copy(mine.begin(), mine.end(), shard.ptr<float>());
+    std::copy(mine.begin(), mine.end(), full.ptr<float>() + offsets[static_cast<size_t>(rank_)]);
   }
 
-  void all_gather(Tensor full, Tensor shard) override {
+  void all_gather(Tensor full, const std::vector<int64_t>& offsets) override {
     check(full, "all_gather");
-    RT_ASSERT(full.numel() == shard.numel() * world_,
-              "all_gather: full is not world x shard");
-    if (world_ == 1)
-      return;
+    if (world_ == 1) return;
     watchdog_.enter("the weight all-gather");
+    std::vector<int> counts = shard_counts(offsets), displs(offsets.begin(), offsets.end() - 1);
     std::vector<MPI_Request> req(1);
-    MPI_Iallgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, full.ptr<float>(),
-                   static_cast<int>(shard.numel()), MPI_FLOAT, comm_, &req[0]);
+    MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, full.ptr<float>(), counts.data(), displs.data(), MPI_FLOAT,
+                    comm_, &req[0]);
     wait_mpi(req);
   }
 
-private:
-  static void check(const Tensor &x, const char *op) {
-    RT_ASSERT(x.device == Device::cpu && x.dtype == DType::f32 &&
-                  x.contiguous(),
+ private:
+  static void check(const Tensor& x, const char* op) {
+    RT_ASSERT(x.device == Device::cpu && x.dtype == DType::f32 && x.contiguous(),
               std::string("MPI ") + op + ": a contiguous f32 host tensor");
+  }
+  std::vector<int> shard_counts(const std::vector<int64_t>& offsets) const {
+    RT_ASSERT(static_cast<int>(offsets.size()) == world_ + 1, "one shard per rank");
+    std::vector<int> counts;
+    for (int r = 0; r < world_; ++r)
+      counts.push_back(static_cast<int>(offsets[static_cast<size_t>(r) + 1] - offsets[static_cast<size_t>(r)]));
+    return counts;
   }
   std::vector<MPI_Request> pending_;
 };
 
-} // namespace
+}  // namespace
 
 std::unique_ptr<Communicator> make_mpi_communicator(double timeout_s) {
   return std::make_unique<MpiCommunicator>(timeout_s);
 }
 
-std::unique_ptr<Communicator> make_communicator(Backend &backend,
-                                                double timeout_s) {
+std::unique_ptr<Communicator> make_communicator(Backend& backend, double timeout_s) {
 #ifdef RANKTUNE_HAVE_CUDA
-  if (backend.device() == Device::cuda)
-    return make_nccl_communicator(backend, timeout_s);
+  if (backend.device() == Device::cuda) return make_nccl_communicator(backend, timeout_s);
 #endif
   (void)backend;
   return make_mpi_communicator(timeout_s);
 }
 
-} // namespace ranktune
+}  // namespace ranktune

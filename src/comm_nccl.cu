@@ -20,13 +20,12 @@
 #include "ranktune/comm.h"
 #include "ranktune/error.h"
 
-#define ncclCheck(call)                                                        \
-  do {                                                                         \
-    const ncclResult_t nccl_check_result_ = (call);                            \
-    if (nccl_check_result_ != ncclSuccess)                                     \
-      ::ranktune::assert_fail(#call, __FILE__, __LINE__,                       \
-                              std::string("NCCL error: ") +                    \
-                                  ncclGetErrorString(nccl_check_result_));     \
+#define ncclCheck(call)                                                                              \
+  do {                                                                                               \
+    const ncclResult_t nccl_check_result_ = (call);                                                  \
+    if (nccl_check_result_ != ncclSuccess)                                                           \
+      ::ranktune::assert_fail(#call, __FILE__, __LINE__,                                             \
+                              std::string("NCCL error: ") + ncclGetErrorString(nccl_check_result_)); \
   } while (0)
 
 namespace ranktune {
@@ -34,102 +33,96 @@ namespace ranktune {
 namespace {
 
 class NcclCommunicator final : public Communicator {
-public:
-  NcclCommunicator(Backend &backend, double timeout_s)
+ public:
+  NcclCommunicator(Backend& backend, double timeout_s)
       : Communicator(MPI_COMM_WORLD, timeout_s),
         device_(backend.device_index()),
         compute_(static_cast<cudaStream_t>(backend.native_stream())) {
-    RT_ASSERT(device_ >= 0 && compute_ != nullptr,
-              "NCCL communicator needs a CUDA backend");
+    RT_ASSERT(device_ >= 0 && compute_ != nullptr, "NCCL communicator needs a CUDA backend");
     cudaCheck(cudaSetDevice(device_));
     int least = 0, greatest = 0;
     cudaCheck(cudaDeviceGetStreamPriorityRange(&least, &greatest));
     // High priority: a bucket's all-reduce should not wait behind the backward
     // kernels queued after it.
-    cudaCheck(cudaStreamCreateWithPriority(&comm_stream_, cudaStreamNonBlocking,
-                                           greatest));
+    cudaCheck(cudaStreamCreateWithPriority(&comm_stream_, cudaStreamNonBlocking, greatest));
     cudaCheck(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
-    if (world_ == 1)
-      return;
+    if (world_ == 1) return;
     ncclUniqueId id{};
-    if (rank_ == 0)
-      ncclCheck(ncclGetUniqueId(&id));
+    if (rank_ == 0) ncclCheck(ncclGetUniqueId(&id));
     barrier("the NCCL set-up");
     MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, comm_);
     ncclCheck(ncclCommInitRank(&nccl_, world_, id, rank_));
   }
 
   ~NcclCommunicator() override {
-    if (comm_stream_)
-      (void)cudaStreamSynchronize(comm_stream_);
-    if (nccl_)
-      (void)ncclCommDestroy(nccl_);
-    for (cudaEvent_t e : ready_)
-      (void)cudaEventDestroy(e);
-    if (done_)
-      (void)cudaEventDestroy(done_);
-    if (comm_stream_)
-      (void)cudaStreamDestroy(comm_stream_);
+    if (comm_stream_) (void)cudaStreamSynchronize(comm_stream_);
+    if (nccl_) (void)ncclCommDestroy(nccl_);
+    for (cudaEvent_t e : ready_) (void)cudaEventDestroy(e);
+    if (done_) (void)cudaEventDestroy(done_);
+    if (comm_stream_) (void)cudaStreamDestroy(comm_stream_);
   }
 
   std::string name() const override {
     int v = 0;
     ncclGetVersion(&v);
-    return "NCCL " + std::to_string(v / 10000) + "." +
-           std::to_string((v % 10000) / 100) + "." + std::to_string(v % 100);
+    return "NCCL " + std::to_string(v / 10000) + "." + std::to_string((v % 10000) / 100) + "." +
+           std::to_string(v % 100);
   }
 
   void start_sum(Tensor x) override {
-    if (world_ == 1)
-      return;
+    if (world_ == 1) return;
     check(x, "start_sum");
     after_compute();
-    ncclCheck(ncclAllReduce(x.data, x.data, static_cast<size_t>(x.numel()),
-                            ncclFloat32, ncclSum, nccl_, comm_stream_));
+    ncclCheck(ncclAllReduce(x.data, x.data, static_cast<size_t>(x.numel()), ncclFloat32, ncclSum, nccl_, comm_stream_));
     pending_ = true;
   }
 
-  void finish_sums(const std::string &what) override {
-    if (world_ == 1 || !pending_)
-      return;
+  void finish_sums(const std::string& what) override {
+    if (world_ == 1 || !pending_) return;
     wait_comm(what);
     pending_ = false;
     n_ready_used_ = 0;
   }
 
-  void reduce_scatter_sum(Tensor full, Tensor shard) override {
+  // Shards differ in size (they hold whole tensors), so the reduce-scatter is one reduce per
+  // shard to its owner, and the all-gather one broadcast per shard from its owner, each batch
+  // grouped into one NCCL launch.
+  void reduce_scatter_sum(Tensor full, const std::vector<int64_t>& offsets) override {
     check(full, "reduce_scatter_sum");
-    RT_ASSERT(full.numel() == shard.numel() * world_,
-              "reduce_scatter_sum: full is not world x shard");
-    if (world_ == 1)
-      return;
+    if (world_ == 1) return;
     after_compute();
-    ncclCheck(ncclReduceScatter(full.data, shard.data,
-                                static_cast<size_t>(shard.numel()), ncclFloat32,
-                                ncclSum, nccl_, comm_stream_));
+    ncclCheck(ncclGroupStart());
+    for (int r = 0; r < world_; ++r) {
+      float* shard = full.ptr<float>() + offsets[static_cast<size_t>(r)];
+      const size_t n = static_cast<size_t>(offsets[static_cast<size_t>(r) + 1] - offsets[static_cast<size_t>(r)]);
+      ncclCheck(ncclReduce(shard, shard, n, ncclFloat32, ncclSum, r, nccl_, comm_stream_));
+    }
+    ncclCheck(ncclGroupEnd());
     wait_comm("the gradient reduce-scatter");
     n_ready_used_ = 0;
   }
 
-  void all_gather(Tensor full, Tensor shard) override {
+  void all_gather(Tensor full, const std::vector<int64_t>& offsets) override {
     check(full, "all_gather");
-    RT_ASSERT(full.numel() == shard.numel() * world_,
-              "all_gather: full is not world x shard");
-    if (world_ == 1)
-      return;
+    if (world_ == 1) return;
     after_compute();
-    ncclCheck(ncclAllGather(shard.data, full.data,
-                            static_cast<size_t>(shard.numel()), ncclFloat32,
-                            nccl_, comm_stream_));
+    const ncclDataType_t type = full.dtype == DType::bf16 ? ncclBfloat16 : ncclFloat32;
+    const int64_t elem = static_cast<int64_t>(dtype_size(full.dtype));
+    ncclCheck(ncclGroupStart());
+    for (int r = 0; r < world_; ++r) {
+      char* shard = static_cast<char*>(full.data) + offsets[static_cast<size_t>(r)] * elem;
+      const size_t n = static_cast<size_t>(offsets[static_cast<size_t>(r) + 1] - offsets[static_cast<size_t>(r)]);
+      ncclCheck(ncclBroadcast(shard, shard, n, type, r, nccl_, comm_stream_));
+    }
+    ncclCheck(ncclGroupEnd());
     wait_comm("the weight all-gather");
     n_ready_used_ = 0;
   }
 
-private:
-  static void check(const Tensor &x, const char *op) {
-    RT_ASSERT(x.device == Device::cuda && x.dtype == DType::f32 &&
-                  x.contiguous(),
-              std::string("NCCL ") + op + ": a contiguous f32 GPU tensor");
+ private:
+  static void check(const Tensor& x, const char* op) {
+    RT_ASSERT(x.device == Device::cuda && (x.dtype == DType::f32 || x.dtype == DType::bf16) && x.contiguous(),
+              std::string("NCCL ") + op + ": a contiguous f32 or bf16 GPU tensor");
   }
 
   // The communication stream waits for what the compute stream has queued so
@@ -147,7 +140,7 @@ private:
 
   // The compute stream waits for every collective queued so far; the host
   // watches them finish.
-  void wait_comm(const std::string &what) {
+  void wait_comm(const std::string& what) {
     cudaCheck(cudaEventRecord(done_, comm_stream_));
     cudaCheck(cudaStreamWaitEvent(compute_, done_, 0));
     watchdog_.enter(what);
@@ -157,13 +150,11 @@ private:
           ncclResult_t async = ncclSuccess;
           ncclCheck(ncclCommGetAsyncError(nccl_, &async));
           if (async != ncclSuccess)
-            watchdog_.fail(std::string("NCCL reported ") +
-                               ncclGetErrorString(async) + " in " + what +
+            watchdog_.fail(std::string("NCCL reported ") + ncclGetErrorString(async) + " in " + what +
                                " (another rank probably died)",
                            abort);
           const cudaError_t q = cudaEventQuery(done_);
-          if (q == cudaErrorNotReady)
-            return false;
+          if (q == cudaErrorNotReady) return false;
           cudaCheck(q);
           return true;
         },
@@ -180,11 +171,10 @@ private:
   bool pending_ = false;
 };
 
-} // namespace
+}  // namespace
 
-std::unique_ptr<Communicator> make_nccl_communicator(Backend &backend,
-                                                     double timeout_s) {
+std::unique_ptr<Communicator> make_nccl_communicator(Backend& backend, double timeout_s) {
   return std::make_unique<NcclCommunicator>(backend, timeout_s);
 }
 
-} // namespace ranktune
+}  // namespace ranktune

@@ -206,7 +206,9 @@ void LlamaModel::build_params() {
   base_.compute = base_.compute_buf.as(act, {base_.numel});
   const int global_bucket = static_cast<int>(a.n_layers);
   if (opt_.train_base) {
-    if (gpu) {
+    if (gpu && !opt_.master_weights) {
+      // ZeRO-1: the optimizer holds the masters of its shard.
+    } else if (gpu) {
       base_.master_buf = be_.alloc(static_cast<size_t>(base_.numel) * 4);
       base_.master = base_.master_buf.as(DType::f32, {base_.numel});
     } else {

@@ -1,5 +1,8 @@
 #include "ranktune/optimizer.h"
 
+#include <mpi.h>
+
+#include <algorithm>
 #include <cmath>
 
 #include "ranktune/error.h"
@@ -9,35 +12,54 @@ namespace ranktune {
 double learning_rate_at(int64_t step, int64_t total_steps, int64_t warmup_steps, double peak,
                         const std::string& schedule) {
   // `step` counts from 0 for the first update, as HF's LambdaLR does.
-  if (step < warmup_steps) return peak * static_cast<double>(step) / static_cast<double>(std::max<int64_t>(1, warmup_steps));
+  if (step < warmup_steps)
+    return peak * static_cast<double>(step) / static_cast<double>(std::max<int64_t>(1, warmup_steps));
   if (schedule == "constant") return peak;
-  const double progress = static_cast<double>(step - warmup_steps) /
-                          static_cast<double>(std::max<int64_t>(1, total_steps - warmup_steps));
+  const double progress =
+      static_cast<double>(step - warmup_steps) / static_cast<double>(std::max<int64_t>(1, total_steps - warmup_steps));
   if (schedule == "cosine") return peak * std::max(0.0, 0.5 * (1.0 + std::cos(M_PI * progress)));
   return peak * std::max(0.0, 1.0 - progress);  // linear
 }
 
-Optimizer::Optimizer(Backend& backend, ParamGroup& params, const TrainingSection& cfg)
+Optimizer::Optimizer(Backend& backend, ParamGroup& params, const TrainingSection& cfg, Communicator* zero)
     : be_(backend),
       params_(params),
       kind_(cfg.optim),
       beta1_(static_cast<float>(cfg.adam_beta1)),
       beta2_(static_cast<float>(cfg.adam_beta2)),
       eps_(static_cast<float>(cfg.adam_epsilon)),
-      weight_decay_(static_cast<float>(cfg.weight_decay)) {
-  const int64_t n = params.numel;
+      weight_decay_(static_cast<float>(cfg.weight_decay)),
+      zero_(zero != nullptr && zero->world_size() > 1 ? zero : nullptr) {
+  const std::vector<ParamSpec>& specs = params.specs;
+  for (size_t i = 0; i < specs.size(); ++i)
+    RT_ASSERT(specs[i].offset == (i ? specs[i - 1].offset + specs[i - 1].numel : 0), "trainable tensors are packed");
+  // Shards: consecutive whole tensors, each cut made at the tensor boundary nearest to r/world of
+  // all elements (so one large tensor, the embedding, may make the shards uneven).
+  const int world = zero_ ? zero_->world_size() : 1;
+  std::vector<size_t> cuts{0};
+  for (int r = 1; r < world; ++r) {
+    const int64_t target = params.numel * r / world;
+    size_t i = cuts.back();
+    while (i < specs.size() && specs[i].offset + specs[i].numel <= target) ++i;
+    if (i < specs.size() && specs[i].offset + specs[i].numel - target < target - specs[i].offset) ++i;
+    cuts.push_back(i);
+  }
+  cuts.push_back(specs.size());
+  for (int r = 0; r < world; ++r) {
+    shards_.push_back(shard_of(cuts[static_cast<size_t>(r)], cuts[static_cast<size_t>(r) + 1]));
+    offsets_.push_back(shards_.back().begin);
+  }
+  offsets_.push_back(params.numel);
+  mine_ = shards_[static_cast<size_t>(zero_ ? zero_->rank() : 0)];
+
+  const int64_t n = mine_.end - mine_.begin;
   if (kind_ == "adamw_8bit") {
     // Each tensor's states start at a block boundary so blocks never straddle two tensors.
-    int64_t padded = 0, blocks = 0;
-    for (const auto& p : params.specs) {
-      const int64_t nb = (p.numel + kAdam8BitBlock - 1) / kAdam8BitBlock;
-      padded += nb * kAdam8BitBlock;
-      blocks += nb;
-    }
-    m_buf_ = be_.alloc(static_cast<size_t>(padded));
-    v_buf_ = be_.alloc(static_cast<size_t>(padded));
-    m_absmax_buf_ = be_.alloc(static_cast<size_t>(blocks) * 4);
-    v_absmax_buf_ = be_.alloc(static_cast<size_t>(blocks) * 4);
+    const int64_t padded = mine_.q_end - mine_.q_begin, blocks = mine_.b_end - mine_.b_begin;
+    m_buf_ = be_.alloc(static_cast<size_t>(std::max<int64_t>(padded, 1)));
+    v_buf_ = be_.alloc(static_cast<size_t>(std::max<int64_t>(padded, 1)));
+    m_absmax_buf_ = be_.alloc(static_cast<size_t>(std::max<int64_t>(blocks, 1)) * 4);
+    v_absmax_buf_ = be_.alloc(static_cast<size_t>(std::max<int64_t>(blocks, 1)) * 4);
     m_ = m_buf_.as(DType::u8, {padded});
     v_ = v_buf_.as(DType::u8, {padded});
     m_absmax_ = m_absmax_buf_.as(DType::f32, {blocks});
@@ -45,22 +67,61 @@ Optimizer::Optimizer(Backend& backend, ParamGroup& params, const TrainingSection
     // Fresh states: every code points at the map's 0.0.
     std::vector<uint8_t> mq(static_cast<size_t>(padded)), vq(static_cast<size_t>(padded));
     adam8bit_init_state(mq.data(), vq.data(), padded);
-    be_.upload(m_, mq.data());
-    be_.upload(v_, vq.data());
-    state_bytes_ = 2 * padded + 8 * blocks;
+    if (padded > 0) {
+      be_.upload(m_, mq.data());
+      be_.upload(v_, vq.data());
+    }
+    state_bytes_ = 2 * shards_.back().q_end + 8 * shards_.back().b_end;
   } else {
-    m_buf_ = be_.alloc(static_cast<size_t>(n) * 4);
-    v_buf_ = be_.alloc(static_cast<size_t>(n) * 4);
+    m_buf_ = be_.alloc(static_cast<size_t>(std::max<int64_t>(n, 1)) * 4);
+    v_buf_ = be_.alloc(static_cast<size_t>(std::max<int64_t>(n, 1)) * 4);
     m_ = m_buf_.as(DType::f32, {n});
     v_ = v_buf_.as(DType::f32, {n});
-    state_bytes_ = 8 * n;
+    state_bytes_ = 8 * params.numel;
   }
+  // A model built without fp32 masters (ZeRO-1 on the GPU) gets them here, for this shard only,
+  // from its compute copy.
+  if (params.master.empty()) {
+    RT_ASSERT(zero_ != nullptr, "a trainable group without master weights needs ZeRO-1");
+    master_buf_ = be_.alloc(static_cast<size_t>(std::max<int64_t>(n, 1)) * 4);
+    master_ = master_buf_.as(DType::f32, {n});
+    if (n > 0) be_.copy(master_, params.compute.flat_slice(mine_.begin, n));
+  }
+}
+
+Optimizer::Shard Optimizer::shard_of(size_t first, size_t last) const {
+  const std::vector<ParamSpec>& specs = params_.specs;
+  Shard s;
+  s.first = first;
+  s.last = last;
+  s.begin = first < specs.size() ? specs[first].offset : params_.numel;
+  s.end = last < specs.size() ? specs[last].offset : params_.numel;
+  for (size_t i = 0; i < last; ++i) {
+    const int64_t nb = (specs[i].numel + kAdam8BitBlock - 1) / kAdam8BitBlock;
+    if (i < first) s.q_begin += nb * kAdam8BitBlock, s.b_begin += nb;
+    s.q_end += nb * kAdam8BitBlock;
+    s.b_end += nb;
+  }
+  return s;
+}
+
+Tensor Optimizer::master_view(const ParamSpec& p) const {
+  return master_.empty() ? params_.master_view(p) : master_.flat_slice(p.offset - mine_.begin, p.numel);
+}
+
+double Optimizer::reduce_and_norm() {
+  if (!zero_) return std::sqrt(be_.sum_squares(params_.grad));
+  zero_->reduce_scatter_sum(params_.grad, offsets_);
+  const int64_t n = mine_.end - mine_.begin;
+  const double local = n > 0 ? be_.sum_squares(params_.grad.flat_slice(mine_.begin, n)) : 0.0;
+  return std::sqrt(zero_->sum(local, "the gradient norm"));
 }
 
 void Optimizer::step(double lr, float grad_scale) {
   ++step_;
   int64_t q_offset = 0, block_offset = 0;
-  for (const auto& p : params_.specs) {
+  for (size_t i = mine_.first; i < mine_.last; ++i) {
+    const ParamSpec& p = params_.specs[i];
     AdamWParams hp;
     hp.lr = static_cast<float>(lr);
     hp.beta1 = beta1_;
@@ -69,7 +130,7 @@ void Optimizer::step(double lr, float grad_scale) {
     hp.weight_decay = p.is_norm ? 0.f : weight_decay_;  // no decay on norms
     hp.step = step_;
     hp.grad_scale = grad_scale;
-    Tensor master = params_.master_view(p), compute = params_.compute_view(p), grad = params_.grad_view(p);
+    Tensor master = master_view(p), compute = params_.compute_view(p), grad = params_.grad_view(p);
     if (kind_ == "adamw_8bit") {
       const int64_t nb = (p.numel + kAdam8BitBlock - 1) / kAdam8BitBlock;
       be_.adamw8bit_step(master, compute, grad, m_.flat_slice(q_offset, p.numel), v_.flat_slice(q_offset, p.numel),
@@ -77,18 +138,20 @@ void Optimizer::step(double lr, float grad_scale) {
       q_offset += nb * kAdam8BitBlock;
       block_offset += nb;
     } else {
-      be_.adamw_step(master, compute, grad, m_.flat_slice(p.offset, p.numel), v_.flat_slice(p.offset, p.numel), hp);
+      const int64_t at = p.offset - mine_.begin;
+      be_.adamw_step(master, compute, grad, m_.flat_slice(at, p.numel), v_.flat_slice(at, p.numel), hp);
     }
   }
+  if (zero_) zero_->all_gather(params_.compute, offsets_);
 }
 
-OptimizerState Optimizer::state() const {
+OptimizerState Optimizer::local_state() const {
   OptimizerState s;
   s.kind = kind_;
   s.step = step_;
   const auto get = [&](auto& host, const Tensor& t) {
     host.resize(static_cast<size_t>(t.numel()));
-    be_.download(host.data(), t);
+    if (t.numel() > 0) be_.download(host.data(), t);
   };
   if (kind_ == "adamw_8bit") {
     get(s.m_codes, m_);
@@ -102,25 +165,96 @@ OptimizerState Optimizer::state() const {
   return s;
 }
 
+namespace {
+
+// Every rank's part, concatenated in rank order on rank 0 (MPI_COMM_WORLD; the shards' sizes are
+// known to every rank). Counts are in elements, so a shard may hold up to 2^31 - 1 of them.
+template <class T>
+std::vector<T> gather_parts(const std::vector<T>& mine, const std::vector<int64_t>& sizes, int rank,
+                            MPI_Datatype type) {
+  std::vector<int> counts, displs;
+  int64_t total = 0;
+  for (int64_t n : sizes) {
+    RT_ASSERT(n < (int64_t{1} << 31) && total < (int64_t{1} << 31), "a ZeRO shard of over 2^31 elements");
+    counts.push_back(static_cast<int>(n));
+    displs.push_back(static_cast<int>(total));
+    total += n;
+  }
+  std::vector<T> all(rank == 0 ? static_cast<size_t>(total) : 0);
+  MPI_Gatherv(mine.data(), static_cast<int>(mine.size()), type, all.data(), counts.data(), displs.data(), type, 0,
+              MPI_COMM_WORLD);
+  return all;
+}
+
+}  // namespace
+
+void Optimizer::gather_for_checkpoint() {
+  if (!zero_) return;
+  const OptimizerState local = local_state();
+  std::vector<int64_t> elements, codes, blocks;
+  for (const Shard& s : shards_) {
+    elements.push_back(s.end - s.begin);
+    codes.push_back(s.q_end - s.q_begin);
+    blocks.push_back(s.b_end - s.b_begin);
+  }
+  const int rank = zero_->rank();
+  gathered_ = OptimizerState{};
+  gathered_.kind = kind_;
+  gathered_.step = step_;
+  if (kind_ == "adamw_8bit") {
+    gathered_.m_codes = gather_parts(local.m_codes, codes, rank, MPI_UINT8_T);
+    gathered_.v_codes = gather_parts(local.v_codes, codes, rank, MPI_UINT8_T);
+    gathered_.m_absmax = gather_parts(local.m_absmax, blocks, rank, MPI_FLOAT);
+    gathered_.v_absmax = gather_parts(local.v_absmax, blocks, rank, MPI_FLOAT);
+  } else {
+    gathered_.m = gather_parts(local.m, elements, rank, MPI_FLOAT);
+    gathered_.v = gather_parts(local.v, elements, rank, MPI_FLOAT);
+  }
+  if (!master_.empty()) {
+    std::vector<float> mine(static_cast<size_t>(master_.numel()));
+    if (!mine.empty()) be_.download(mine.data(), master_);
+    gathered_master_ = gather_parts(mine, elements, rank, MPI_FLOAT);
+  }
+}
+
+OptimizerState Optimizer::state() const { return zero_ ? gathered_ : local_state(); }
+
+bool Optimizer::master_values(const ParamSpec& p, std::vector<float>* out) const {
+  if (master_.empty()) return false;
+  RT_ASSERT(gathered_master_.size() == static_cast<size_t>(params_.numel),
+            "gather_for_checkpoint() on every rank first");
+  out->assign(gathered_master_.begin() + p.offset, gathered_master_.begin() + p.offset + p.numel);
+  return true;
+}
+
 void Optimizer::restore(const OptimizerState& s, const std::string& source) {
   RT_REQUIRE(s.kind == kind_, source + ": the checkpoint's optimizer is " + s.kind + ", this run's training.optim is " +
                                   kind_ + ": resume with the same optimizer");
-  const auto put = [&](const auto& host, const Tensor& t, const char* what) {
-    RT_REQUIRE(static_cast<int64_t>(host.size()) == t.numel(),
-               source + ": optimizer state " + what + " has " + std::to_string(host.size()) + " values, this model needs " +
-                   std::to_string(t.numel()) + ": resume with the same model and LoRA settings");
-    be_.upload(t, host.data());
+  // The checkpoint holds the whole state; this rank takes its shard of it.
+  const auto put = [&](const auto& host, const Tensor& t, int64_t whole, int64_t from, const char* what) {
+    RT_REQUIRE(static_cast<int64_t>(host.size()) == whole, source + ": optimizer state " + what + " has " +
+                                                               std::to_string(host.size()) +
+                                                               " values, this model needs " + std::to_string(whole) +
+                                                               ": resume with the same model and LoRA settings");
+    if (t.numel() > 0) be_.upload(t, host.data() + from);
   };
+  const Shard& all = shards_.back();
   if (kind_ == "adamw_8bit") {
-    put(s.m_codes, m_, "m_codes");
-    put(s.v_codes, v_, "v_codes");
-    put(s.m_absmax, m_absmax_, "m_absmax");
-    put(s.v_absmax, v_absmax_, "v_absmax");
+    put(s.m_codes, m_, all.q_end, mine_.q_begin, "m_codes");
+    put(s.v_codes, v_, all.q_end, mine_.q_begin, "v_codes");
+    put(s.m_absmax, m_absmax_, all.b_end, mine_.b_begin, "m_absmax");
+    put(s.v_absmax, v_absmax_, all.b_end, mine_.b_begin, "v_absmax");
   } else {
-    put(s.m, m_, "m");
-    put(s.v, v_, "v");
+    put(s.m, m_, params_.numel, mine_.begin, "m");
+    put(s.v, v_, params_.numel, mine_.begin, "v");
   }
   step_ = s.step;
+}
+
+void Optimizer::restore_master(const std::string& name, const std::vector<float>& values) {
+  if (master_.empty()) return;
+  for (size_t i = mine_.first; i < mine_.last; ++i)
+    if (params_.specs[i].name == name) be_.upload(master_view(params_.specs[i]), values.data());
 }
 
 }  // namespace ranktune

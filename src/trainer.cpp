@@ -84,7 +84,8 @@ std::string prepared_data(const RunConfig& cfg, const Tokenizer& tok, const Laun
 // of adjacent tensors it holds; finish() waits for every sum before the gradients are read.
 class GradReducer {
  public:
-  GradReducer(Communicator& comm, ParamGroup& params, int n_layers) : comm_(comm), grad_(params.grad) {
+  GradReducer(Communicator& comm, ParamGroup& params, int n_layers, bool all_reduce)
+      : comm_(comm), grad_(params.grad), all_reduce_(all_reduce) {
     runs_.resize(static_cast<size_t>(n_layers + 1));
     for (const ParamSpec& p : params.specs) {
       auto& runs = runs_[static_cast<size_t>(p.layer >= 0 ? p.layer : n_layers)];
@@ -93,6 +94,7 @@ class GradReducer {
     }
   }
   void reduce_bucket(int bucket) {
+    if (!all_reduce_) return;
     for (const auto& [offset, n] : runs_[static_cast<size_t>(bucket)]) comm_.start_sum(grad_.flat_slice(offset, n));
   }
   void finish(int64_t step) { comm_.finish_sums("the gradient all-reduce of step " + std::to_string(step)); }
@@ -100,6 +102,7 @@ class GradReducer {
  private:
   Communicator& comm_;
   Tensor grad_;
+  bool all_reduce_;
   std::vector<std::vector<std::pair<int64_t, int64_t>>> runs_;  // per bucket: (offset, numel) runs
 };
 
@@ -156,6 +159,11 @@ double peak_flops(const std::string& backend_name) {
   return 0;
 }
 
+// ZeRO-1 applies to full fine-tuning over several ranks (the config refuses it with LoRA).
+bool zero_stage_1(const RunConfig& cfg, const LaunchInfo& li) {
+  return cfg.distributed.zero_stage == 1 && li.world_size > 1 && !cfg.lora.enabled;
+}
+
 // Everything a command needs: backend on the placed device, tokenizer, model with weights.
 struct Session {
   Placement placement;
@@ -174,7 +182,9 @@ Session open_session(const RunConfig& cfg, const LaunchInfo& li, int64_t max_bat
   RT_REQUIRE(s.tokenizer->vocab_size() <= s.arch.vocab_size,
              cfg.source + ": the tokenizer has " + std::to_string(s.tokenizer->vocab_size()) +
                  " ids but the model's vocab_size is " + std::to_string(s.arch.vocab_size));
-  s.model = std::make_unique<LlamaModel>(*s.backend, model_options_from(cfg, s.arch, max_batch));
+  ModelOptions options = model_options_from(cfg, s.arch, max_batch);
+  options.master_weights = !zero_stage_1(cfg, li);
+  s.model = std::make_unique<LlamaModel>(*s.backend, options);
   const uint64_t seed = static_cast<uint64_t>(cfg.training.seed);
   if (cfg.model.name_or_path.empty()) s.model->init_base_random(seed);
   else load_hf_weights(*s.model, cfg.model.name_or_path);
@@ -353,9 +363,11 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
                                         " steps) is longer than the run (" + std::to_string(total_steps) + " steps)");
 
   ParamGroup& params = model.trainable();
-  Optimizer opt(*s.backend, params, tc);
   std::unique_ptr<Communicator> comm = make_communicator(*s.backend, cfg.distributed.timeout_s);
-  GradReducer reducer(*comm, params, static_cast<int>(s.arch.n_layers));
+  const bool zero = zero_stage_1(cfg, li);
+  Optimizer opt(*s.backend, params, tc, zero ? comm.get() : nullptr);
+  // Under ZeRO-1 the optimizer reduce-scatters the gradients once backward is done.
+  GradReducer reducer(*comm, params, static_cast<int>(s.arch.n_layers), !zero);
   model.ledger().on_bucket_ready = [&](int bucket) { reducer.reduce_bucket(bucket); };
 
   // A checkpoint holds the fp32 masters and the optimizer's states; there must be room for two
@@ -395,6 +407,7 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
                  ck->path + ": taken at step " + std::to_string(ck->progress.step) + ", beyond this run's " +
                      std::to_string(total_steps) + " steps: raise training.max_steps to continue it");
       restore_weights(model, *ck);
+      for (const CheckpointTensor& t : ck->weights) opt.restore_master(t.name, t.values);
       opt.restore(ck->optimizer, ck->path);
       loader.restore(ck->progress.loader);
       progress = ck->progress;
@@ -426,6 +439,9 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
     if (li.world_size > 1)
       std::printf("Multi-GPU training enabled: %d ranks x 1 %s, data parallel over %s\n", li.world_size,
                   s.placement.use_gpu ? "GPU" : "CPU", comm->name().c_str());
+    if (zero)
+      std::printf("ZeRO-1: fp32 masters and optimizer states sharded over %d ranks (whole tensors per shard)\n",
+                  li.world_size);
     if (li.world_size > 1)
       for (int r = 0; r < li.world_size; ++r) std::printf("  rank %d: %s\n", r, rank_devices[static_cast<size_t>(r)].c_str());
     if (!s.placement.unused_gpus_hint.empty()) std::printf("note: %s\n", s.placement.unused_gpus_hint.c_str());
@@ -462,6 +478,7 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
 
   // Rank 0 writes (every rank holds the same trainable state after the all-reduce).
   const auto save = [&](int64_t steps_done) {
+    opt.gather_for_checkpoint();  // ZeRO-1: the shards come to rank 0
     if (root) {
       TrainProgress p;
       p.step = steps_done;
@@ -518,7 +535,7 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
     reducer.finish(step + 1);
     double loss = step_tokens > 0 ? comm->sum(loss_sum, "the loss of step " + std::to_string(step + 1)) / step_tokens : 0.0;
     if (step + 1 == fault_nan_step) loss = std::numeric_limits<double>::quiet_NaN();
-    const double grad_norm = std::sqrt(s.backend->sum_squares(params.grad));
+    const double grad_norm = opt.reduce_and_norm();
     const double lr = learning_rate_at(step, total_steps, warmup, tc.learning_rate, tc.lr_scheduler_type);
     const bool finite = std::isfinite(loss) && std::isfinite(grad_norm);
     // A skipped step leaves no trace: the next step's first micro-batch overwrites every gradient

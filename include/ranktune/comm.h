@@ -28,26 +28,24 @@
 namespace ranktune {
 
 class Watchdog {
-public:
+ public:
   Watchdog(MPI_Comm comm, double timeout_s);
   ~Watchdog();
-  Watchdog(const Watchdog &) = delete;
-  Watchdog &operator=(const Watchdog &) = delete;
+  Watchdog(const Watchdog&) = delete;
+  Watchdog& operator=(const Watchdog&) = delete;
 
   // This rank enters its next collective, named `what` for messages.
-  void enter(const std::string &what);
+  void enter(const std::string& what);
   // Polls done() until it returns true. After timeout_s (0 = never) it reports
   // the ranks behind this one, calls on_abort (the NCCL communicator is aborted
   // there) and ends the job.
-  void wait(const std::function<bool()> &done,
-            const std::function<void()> &on_abort = {});
+  void wait(const std::function<bool()>& done, const std::function<void()>& on_abort = {});
   // Reports `error` (an asynchronous NCCL error, say) for the current
   // collective and ends the job.
-  [[noreturn]] void fail(const std::string &error,
-                         const std::function<void()> &on_abort = {});
+  [[noreturn]] void fail(const std::string& error, const std::function<void()>& on_abort = {});
 
-private:
-  void drain(); // reads the peers' announcements that have arrived
+ private:
+  void drain();  // reads the peers' announcements that have arrived
   std::string behind() const;
 
   MPI_Comm comm_;
@@ -61,15 +59,15 @@ private:
 };
 
 class Communicator {
-public:
+ public:
   Communicator(MPI_Comm comm, double timeout_s);
   virtual ~Communicator() = default;
-  Communicator(const Communicator &) = delete;
-  Communicator &operator=(const Communicator &) = delete;
+  Communicator(const Communicator&) = delete;
+  Communicator& operator=(const Communicator&) = delete;
 
   int rank() const { return rank_; }
   int world_size() const { return world_; }
-  virtual std::string name() const = 0; // "NCCL 2.28.3" or "MPI (Open MPI ...)"
+  virtual std::string name() const = 0;  // "NCCL 2.28.3" or "MPI (Open MPI ...)"
 
   // ---- gradients: f32 tensors on the backend's device, summed in place
   // ---------------------- Starts summing x over ranks; may return before the
@@ -78,24 +76,24 @@ public:
   virtual void start_sum(Tensor x) = 0;
   // Waits until every started sum is done and visible to the backend's later
   // work.
-  virtual void finish_sums(const std::string &what) = 0;
-  // ZeRO-1: shard[i] = sum over ranks of full[rank * shard.numel() + i]
-  // (reduce-scatter), and full = the shards of every rank, in rank order
-  // (all-gather). full.numel() = world * shard.numel(); shard is a view into
-  // full at this rank's place (in place).
-  virtual void reduce_scatter_sum(Tensor full, Tensor shard) = 0;
-  virtual void all_gather(Tensor full, Tensor shard) = 0;
+  virtual void finish_sums(const std::string& what) = 0;
+  // ZeRO-1: the flat buffer `full` is cut into world_size consecutive shards, shard r being
+  // [offsets[r], offsets[r+1]) (whole tensors, so the shards differ in size). reduce_scatter_sum
+  // leaves in this rank's shard the sum over ranks of that range (the rest of full is left
+  // undefined); all_gather fills every shard from its owner. f32 (gradients) or the activation
+  // dtype (the compute copy of the weights).
+  virtual void reduce_scatter_sum(Tensor full, const std::vector<int64_t>& offsets) = 0;
+  virtual void all_gather(Tensor full, const std::vector<int64_t>& offsets) = 0;
 
   // ---- host values: every rank calls these in the same order
   // ---------------------------------
-  double sum(double x, const std::string &what);
-  int max(int x, const std::string &what);
-  void barrier(const std::string &what);
+  double sum(double x, const std::string& what);
+  int max(int x, const std::string& what);
+  void barrier(const std::string& what);
 
-protected:
+ protected:
   // Waits for MPI requests under the watchdog.
-  void wait_mpi(std::vector<MPI_Request> &requests,
-                const std::function<void()> &on_abort = {});
+  void wait_mpi(std::vector<MPI_Request>& requests, const std::function<void()>& on_abort = {});
 
   MPI_Comm comm_;
   int rank_ = 0, world_ = 1;
@@ -104,12 +102,10 @@ protected:
 
 // NCCL when the backend is a GPU (and ranktune was built with CUDA), MPI
 // otherwise. Collective: every rank calls it.
-std::unique_ptr<Communicator> make_communicator(Backend &backend,
-                                                double timeout_s);
+std::unique_ptr<Communicator> make_communicator(Backend& backend, double timeout_s);
 std::unique_ptr<Communicator> make_mpi_communicator(double timeout_s);
 #ifdef RANKTUNE_HAVE_CUDA
-std::unique_ptr<Communicator> make_nccl_communicator(Backend &backend,
-                                                     double timeout_s);
+std::unique_ptr<Communicator> make_nccl_communicator(Backend& backend, double timeout_s);
 #endif
 
-} // namespace ranktune
+}  // namespace ranktune

@@ -95,6 +95,9 @@ struct ModelOptions {
   int64_t max_batch = 1;  // B
   int64_t max_seq = 1;    // T
   int64_t loss_chunk_rows = 0;  // rows of logits per chunk (0 = choose from vocab)
+  // fp32 master copies of the trainable weights on the GPU; off under ZeRO-1, where the optimizer
+  // keeps the masters of its shard only.
+  bool master_weights = true;
 };
 ModelOptions model_options_from(const RunConfig& cfg, const LlamaArch& arch, int64_t max_batch);
 

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "ranktune/backend.h"
+#include "ranktune/comm.h"
 #include "ranktune/config.h"
 #include "ranktune/model.h"
 
@@ -25,23 +26,62 @@ struct OptimizerState {
   std::vector<float> m_absmax, v_absmax;
 };
 
+// ZeRO-1 (distributed.zero_stage: 1, full fine-tuning over several ranks): each rank owns one
+// shard of the trainable tensors -- consecutive whole tensors, balanced by size -- and keeps the
+// fp32 masters and optimizer states of its shard only. A step: the gradients are reduce-scattered
+// (each rank receives the sum of its shard), each rank updates its shard, and the updated compute
+// copies are all-gathered. Checkpoints hold the whole state, gathered to rank 0, in the same
+// layout as without ZeRO, so a run may resume with or without it and on any number of ranks.
 class Optimizer {
  public:
-  Optimizer(Backend& backend, ParamGroup& params, const TrainingSection& cfg);
-  // One update with the given learning rate; gradients are multiplied by grad_scale first (clipping).
+  // zero: the communicator to shard over (ZeRO-1), or null for a whole copy on every rank.
+  Optimizer(Backend& backend, ParamGroup& params, const TrainingSection& cfg, Communicator* zero = nullptr);
+  // The gradients summed over ranks: ZeRO's reduce-scatter (the data-parallel all-reduce happens
+  // during backward otherwise); then the global gradient norm.
+  double reduce_and_norm();
+  // One update with the given learning rate; gradients are multiplied by grad_scale first
+  // (clipping). Under ZeRO-1 the updated weights are all-gathered.
   void step(double lr, float grad_scale);
   int64_t steps_taken() const { return step_; }
   int64_t state_bytes() const { return state_bytes_; }
   const std::string& kind() const { return kind_; }
+  bool sharded() const { return zero_ != nullptr; }
+  // The whole state. Under ZeRO-1 every rank must call gather_for_checkpoint() first (collective);
+  // rank 0 then holds the whole state and masters.
+  void gather_for_checkpoint();
   OptimizerState state() const;
+  // fp32 master values of one trainable tensor when this optimizer keeps them (ZeRO-1 on the GPU,
+  // after gather_for_checkpoint), false when the model's own master copy has them.
+  bool master_values(const ParamSpec& p, std::vector<float>* out) const;
   // UserError when the state is of another kind or size (another optimizer or model shape).
   void restore(const OptimizerState& state, const std::string& source);
+  // Under ZeRO-1 on the GPU: the fp32 master of one tensor (a checkpoint's weight), after
+  // restore_weights() has set the model's compute copy. No-op otherwise.
+  void restore_master(const std::string& name, const std::vector<float>& values);
 
  private:
+  struct Shard {
+    size_t first = 0, last = 0;      // specs [first, last)
+    int64_t begin = 0, end = 0;      // elements
+    int64_t q_begin = 0, q_end = 0;  // 8-bit codes (each tensor padded to whole blocks)
+    int64_t b_begin = 0, b_end = 0;  // 8-bit blocks
+  };
+  Shard shard_of(size_t first, size_t last) const;
+  Tensor master_view(const ParamSpec& p) const;
+  OptimizerState local_state() const;
+
   Backend& be_;
   ParamGroup& params_;
+  std::vector<Shard> shards_;     // one per rank (one in all without ZeRO)
+  std::vector<int64_t> offsets_;  // element offsets of the shards, world + 1
+  Shard mine_;
+  Buffer master_buf_;  // ZeRO-1 on the GPU: fp32 masters of this shard
+  Tensor master_;
+  OptimizerState gathered_;  // rank 0, after gather_for_checkpoint()
+  std::vector<float> gathered_master_;
   std::string kind_;
   float beta1_, beta2_, eps_, weight_decay_;
+  Communicator* zero_ = nullptr;
   int64_t step_ = 0;
   Buffer m_buf_, v_buf_, m_absmax_buf_, v_absmax_buf_;
   Tensor m_, v_, m_absmax_, v_absmax_;
