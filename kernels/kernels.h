@@ -109,3 +109,22 @@ void adamw8bit_step(float* master, bf16* compute, const float* grad, uint8_t* m_
                     const float* unsigned_map, const AdamWParams& p, cudaStream_t s);
 
 }  // namespace ranktune::kernels
+
+// ---- nf4.cu (QLoRA 4-bit weights; the format is in include/ranktune/nf4.h) -------------------------
+namespace ranktune::kernels {
+
+// A bitsandbytes NF4 weight in device memory (the arrays of an Nf4Tensor).
+struct Nf4Weights {
+  const uint8_t* packed = nullptr;        // [ceil(numel/2)], weight 2j in the high nibble of byte j
+  const uint8_t* absmax_codes = nullptr;  // [n_blocks] 8-bit codes; null: not double-quantized
+  const float* nested_absmax = nullptr;   // [ceil(n_blocks/256)]
+  const float* nested_map = nullptr;      // [256]
+  float offset = 0.f;
+  const float* absmax = nullptr;          // [n_blocks] f32, when absmax_codes is null
+  int64_t numel = 0;
+};
+// out[i] = bf16(code[nibble i] * scale[i/64]), scale[b] = nested_map[absmax_codes[b]] *
+// nested_absmax[b/256] + offset (or absmax[b]): bitwise bf16 of the host's nf4_dequantize.
+void nf4_dequantize(bf16* out, const Nf4Weights& w, cudaStream_t s);
+
+}  // namespace ranktune::kernels
