@@ -67,6 +67,7 @@ std::unique_ptr<Backend> make_cuda_backend(int) {
   throw UserError("this ranktune was built without CUDA; set model.device_map: cpu or rebuild with "
                   "the CUDA toolkit installed");
 }
+void enable_peer_access(const std::vector<int>&) {}
 #endif
 
 }  // namespace ranktune

@@ -38,6 +38,7 @@ template <class Handle, auto destroy>
 using Owned = std::unique_ptr<std::remove_pointer_t<Handle>, Destroy<Handle, destroy>>;
 
 using Stream = Owned<cudaStream_t, cudaStreamDestroy>;
+using Event = Owned<cudaEvent_t, cudaEventDestroy>;
 using LtHandle = Owned<cublasLtHandle_t, cublasLtDestroy>;
 using BlasHandle = Owned<cublasHandle_t, cublasDestroy>;
 using MatmulDesc = Owned<cublasLtMatmulDesc_t, cublasLtMatmulDescDestroy>;
@@ -142,6 +143,9 @@ class CudaBackend final : public Backend {
     // allocations.
     cudaCheck(cudaStreamCreate(&stream));
     stream_.reset(stream);
+    cudaEvent_t event = nullptr;
+    cudaCheck(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    cross_event_.reset(event);
     cublasLtHandle_t lt = nullptr;
     cublasCheck(cublasLtCreate(&lt));
     lt_.reset(lt);
@@ -169,12 +173,21 @@ class CudaBackend final : public Backend {
   }
   int device_index() const override { return device_index_; }
   void* native_stream() const override { return stream_.get(); }
+  void wait_for(Backend& other) override {
+    if (&other == this || other.native_stream() == nullptr) return;
+    cudaCheck(cudaEventRecord(cross_event_.get(), static_cast<cudaStream_t>(other.native_stream())));
+    cudaCheck(cudaStreamWaitEvent(stream(), cross_event_.get(), 0));
+  }
 
   // ---- memory -------------------------------------------------------------------------------
-  Buffer alloc(size_t bytes) override { return Buffer(Device::cuda, bytes); }
+  Buffer alloc(size_t bytes) override {
+    use_device();
+    return Buffer(Device::cuda, bytes);
+  }
 
   // Synchronizes too, so the caller may reuse the host memory at once (pinned or not).
   void upload(Tensor dst, const void* host) override {
+    use_device();
     RT_ASSERT(dst.device == Device::cuda && dst.contiguous(), "upload to " + dst.describe());
     if (dst.nbytes() == 0) return;
     cudaCheck(cudaMemcpyAsync(dst.data, host, dst.nbytes(), cudaMemcpyHostToDevice, stream()));
@@ -182,6 +195,7 @@ class CudaBackend final : public Backend {
   }
 
   void download(void* host, Tensor src) override {
+    use_device();
     RT_ASSERT(src.device == Device::cuda && src.contiguous(), "download from " + src.describe());
     if (src.nbytes() == 0) return;
     cudaCheck(cudaMemcpyAsync(host, src.data, src.nbytes(), cudaMemcpyDeviceToHost, stream()));
@@ -189,6 +203,7 @@ class CudaBackend final : public Backend {
   }
 
   void copy(Tensor dst, Tensor src) override {
+    use_device();
     RT_ASSERT(dst.device == Device::cuda && src.device == Device::cuda,
               "copy on the GPU: " + dst.describe() + " <- " + src.describe());
     RT_ASSERT(dst.rows() == src.rows() && dst.cols() == src.cols(),
@@ -211,11 +226,12 @@ class CudaBackend final : public Backend {
       cudaCheck(cudaMemcpy2DAsync(dst.data, static_cast<size_t>(dst.ld()) * size, src.data,
                                   static_cast<size_t>(src.ld()) * size,
                                   static_cast<size_t>(cols) * size, static_cast<size_t>(rows),
-                                  cudaMemcpyDeviceToDevice, stream()));
+                                  cudaMemcpyDefault, stream()));
     }
   }
 
   void fill(Tensor dst, float value) override {
+    use_device();
     RT_ASSERT(dst.device == Device::cuda && (dst.dtype == DType::f32 || dst.dtype == DType::bf16),
               "fill of " + dst.describe());
     if (dst.contiguous()) {
@@ -237,6 +253,7 @@ class CudaBackend final : public Backend {
 
   // ---- elementwise / reductions ------------------------------------------------------------
   void scale(Tensor x, float s) override {
+    use_device();
     RT_ASSERT(x.device == Device::cuda && (x.dtype == DType::f32 || x.dtype == DType::bf16),
               "scale of " + x.describe());
     if (x.contiguous()) {
@@ -247,6 +264,7 @@ class CudaBackend final : public Backend {
   }
 
   void add(Tensor y, Tensor x) override {
+    use_device();
     RT_ASSERT(y.device == Device::cuda && (y.dtype == DType::f32 || y.dtype == DType::bf16),
               "add to " + y.describe());
     check_matrix(x, y.dtype, y.rows(), y.cols(), "add x");
@@ -258,6 +276,7 @@ class CudaBackend final : public Backend {
   }
 
   double sum_squares(Tensor x) override {
+    use_device();
     check(x, DType::f32, "sum_squares x");
     RT_ASSERT(x.contiguous(), "sum_squares of a strided view: " + x.describe());
     const int64_t partials = kernels::sum_squares_scratch_elems();
@@ -272,6 +291,7 @@ class CudaBackend final : public Backend {
   }
 
   void dropout(Tensor out, Tensor in, float p, uint64_t seed) override {
+    use_device();
     check(in, DType::bf16, "dropout in");
     check_matrix(out, DType::bf16, in.rows(), in.cols(), "dropout out");
     RT_ASSERT(p >= 0.f && p < 1.f, "dropout probability must be in [0, 1)");
@@ -281,6 +301,7 @@ class CudaBackend final : public Backend {
 
   // ---- embedding ----------------------------------------------------------------------------
   void embedding_forward(Tensor out, Tensor tokens, Tensor table) override {
+    use_device();
     check(table, DType::bf16, "embedding table");
     RT_ASSERT(table.contiguous(), "embedding table " + table.describe());
     const int64_t n_tokens = out.rows(), channels = table.cols();
@@ -294,6 +315,7 @@ class CudaBackend final : public Backend {
   // The token ids come to the host (N is small) to be sorted: one block per distinct token then
   // sums its rows in order of position, with no atomics.
   void embedding_backward(Tensor dtable, Tensor dout, Tensor tokens, float beta) override {
+    use_device();
     check(dtable, DType::f32, "embedding dtable");
     RT_ASSERT(dtable.contiguous(), "embedding dtable " + dtable.describe());
     const int64_t n_tokens = dout.rows(), channels = dtable.cols(), vocab = dtable.rows();
@@ -340,6 +362,7 @@ class CudaBackend final : public Backend {
   void residual_rmsnorm_forward(Tensor residual_out, Tensor norm_out, Tensor rstd,
                                 Tensor residual_in, Tensor delta, Tensor weight,
                                 float eps) override {
+    use_device();
     const int64_t n_rows = residual_in.rows(), channels = residual_in.cols();
     check_contiguous(residual_in, DType::bf16, n_rows * channels, "rmsnorm residual_in");
     check_contiguous(norm_out, DType::bf16, n_rows * channels, "rmsnorm norm_out");
@@ -361,6 +384,7 @@ class CudaBackend final : public Backend {
   // dresidual may alias dnorm: the kernel reads a row's dnorm before it writes the row.
   void rmsnorm_backward(Tensor dresidual, Tensor dweight, float dweight_beta, Tensor dnorm,
                         Tensor x, Tensor weight, Tensor rstd) override {
+    use_device();
     const int64_t n_rows = x.rows(), channels = x.cols();
     check_contiguous(x, DType::bf16, n_rows * channels, "rmsnorm x");
     check_contiguous(dresidual, DType::bf16, n_rows * channels, "rmsnorm dresidual");
@@ -384,6 +408,7 @@ class CudaBackend final : public Backend {
   // ---- GEMM ----------------------------------------------------------------------------------
   void matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, float alpha,
               float beta) override {
+    use_device();
     check(a, DType::bf16, "matmul a");
     check(b, DType::bf16, "matmul b");
     RT_ASSERT(out.device == Device::cuda && (out.dtype == DType::bf16 || out.dtype == DType::f32),
@@ -433,17 +458,20 @@ class CudaBackend final : public Backend {
 
   // ---- rotary position embedding ----------------------------------------------------------------
   void rope_forward(Tensor x, Tensor positions, Tensor cos, Tensor sin, int64_t head_dim) override {
+    use_device();
     rope(x, positions, cos, sin, head_dim, 1.f);
   }
 
   void rope_backward(Tensor dx, Tensor positions, Tensor cos, Tensor sin,
                      int64_t head_dim) override {
+    use_device();
     rope(dx, positions, cos, sin, head_dim, -1.f);
   }
 
   // ---- attention -------------------------------------------------------------------------------
   void attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, Tensor doc_ids,
                          const AttnShape& shape) override {
+    use_device();
     const kernels::AttnArgs args = attn_args(q, k, v, doc_ids, shape);
     const int64_t n_rows = shape.batch * shape.seq_len;
     check_matrix(out, DType::bf16, n_rows, shape.n_heads * shape.head_dim, "attention out");
@@ -454,6 +482,7 @@ class CudaBackend final : public Backend {
   void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor out, Tensor lse,
                           Tensor q, Tensor k, Tensor v, Tensor doc_ids,
                           const AttnShape& shape) override {
+    use_device();
     const kernels::AttnArgs args = attn_args(q, k, v, doc_ids, shape);
     const int64_t n_rows = shape.batch * shape.seq_len;
     const int64_t q_cols = shape.n_heads * shape.head_dim;
@@ -473,6 +502,7 @@ class CudaBackend final : public Backend {
 
   void attention_decode(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, int64_t n_keys,
                         const AttnShape& shape) override {
+    use_device();
     const int64_t q_cols = shape.n_heads * shape.head_dim;
     const int64_t cache_numel = shape.batch * shape.seq_len * shape.n_kv_heads * shape.head_dim;
     RT_ASSERT(shape.n_kv_heads > 0 && shape.n_heads % shape.n_kv_heads == 0,
@@ -489,6 +519,7 @@ class CudaBackend final : public Backend {
 
   // ---- SwiGLU ----------------------------------------------------------------------------------
   void swiglu_forward(Tensor h, Tensor gate, Tensor up) override {
+    use_device();
     const int64_t n_rows = gate.rows(), ffn = gate.cols();
     check(gate, DType::bf16, "swiglu gate");
     check_matrix(up, DType::bf16, n_rows, ffn, "swiglu up");
@@ -501,6 +532,7 @@ class CudaBackend final : public Backend {
   }
 
   void swiglu_backward(Tensor dgate, Tensor dup, Tensor dh, Tensor gate, Tensor up) override {
+    use_device();
     const int64_t n_rows = gate.rows(), ffn = gate.cols();
     check(gate, DType::bf16, "swiglu gate");
     check_matrix(up, DType::bf16, n_rows, ffn, "swiglu up");
@@ -519,6 +551,7 @@ class CudaBackend final : public Backend {
   // backend the GPU cannot assert on them without a synchronizing copy.
   void cross_entropy(Tensor losses, Tensor dlogits, Tensor logits, Tensor targets,
                      float grad_scale) override {
+    use_device();
     const int64_t n_rows = logits.rows(), vocab = logits.cols();
     check_contiguous(logits, DType::f32, n_rows * vocab, "cross_entropy logits");
     check_contiguous(losses, DType::f32, n_rows, "cross_entropy losses");
@@ -534,6 +567,7 @@ class CudaBackend final : public Backend {
   // ---- optimizers ----------------------------------------------------------------------------
   void adamw_step(Tensor master, Tensor compute, Tensor grad, Tensor m, Tensor v,
                   const AdamWParams& p) override {
+    use_device();
     const int64_t n = master.numel();
     RT_ASSERT(p.step >= 1, "AdamW step is 1-based");
     check_contiguous(master, DType::f32, n, "adamw master");
@@ -546,6 +580,7 @@ class CudaBackend final : public Backend {
 
   void adamw8bit_step(Tensor master, Tensor compute, Tensor grad, Tensor m_q, Tensor v_q,
                       Tensor m_absmax, Tensor v_absmax, const AdamWParams& p) override {
+    use_device();
     const int64_t n = master.numel();
     const int64_t n_blocks = (n + kAdam8BitBlock - 1) / kAdam8BitBlock;
     RT_ASSERT(p.step >= 1, "AdamW step is 1-based");
@@ -563,6 +598,12 @@ class CudaBackend final : public Backend {
 
  private:
   cudaStream_t stream() const { return stream_.get(); }
+  // Several backends (device_map auto) share the host thread: each op makes its GPU current.
+  void use_device() const {
+    int current = -1;
+    cudaCheck(cudaGetDevice(&current));
+    if (current != device_index_) cudaCheck(cudaSetDevice(device_index_));
+  }
   float* signed_map() const { return static_cast<float*>(maps_.data()); }
 
   void fill_rows(void* data, DType dtype, int64_t n, float value) {
@@ -689,6 +730,7 @@ class CudaBackend final : public Backend {
   std::string gpu_name_;
   // Declared before the buffers so that it is destroyed after them.
   Stream stream_;
+  Event cross_event_;  // wait_for(): a point on another backend's stream
   LtHandle lt_;
   BlasHandle blas_;
   Buffer gemm_workspace_;
@@ -699,6 +741,23 @@ class CudaBackend final : public Backend {
 };
 
 }  // namespace
+
+void enable_peer_access(const std::vector<int>& devices) {
+  for (int from : devices)
+    for (int to : devices) {
+      if (from == to) continue;
+      int can = 0;
+      cudaCheck(cudaDeviceCanAccessPeer(&can, from, to));
+      if (!can)
+        throw UserError("device_map: auto needs GPU " + std::to_string(from) + " to access GPU " + std::to_string(to) +
+                        "'s memory, which this machine does not allow (no NVLink or PCIe peer-to-peer): use "
+                        "device_map: sequential with one rank per GPU instead");
+      cudaCheck(cudaSetDevice(from));
+      const cudaError_t err = cudaDeviceEnablePeerAccess(to, 0);
+      if (err == cudaErrorPeerAccessAlreadyEnabled) (void)cudaGetLastError();
+      else cudaCheck(err);
+    }
+}
 
 std::unique_ptr<Backend> make_cuda_backend(int device_index) {
   int count = 0;

@@ -178,8 +178,13 @@ Placement place_rank(const RunConfig& cfg, const LaunchInfo& li, const std::stri
                       std::to_string(n_gpus) + " GPU(s) (cuda:0..cuda:" + std::to_string(n_gpus - 1) + ")");
     p.devices = {idx};
   } else if (dm == "auto") {
-    for (int i = 0; i < n_gpus; ++i) p.devices.push_back(i);
-    if (!p.multi_gpu_enabled) p.devices = {li.local_rank % n_gpus};
+    // The node's GPUs split evenly over its ranks, consecutive ones to each (2 ranks x 2 GPUs on 4).
+    if (li.local_size > n_gpus)
+      throw UserError(config_path + ": model.device_map: auto with " + std::to_string(li.local_size) + " ranks on " +
+                      li.hostname + " but only " + std::to_string(n_gpus) +
+                      " GPU(s): each rank needs at least one GPU of its own");
+    const int per_rank = n_gpus / li.local_size;
+    for (int i = 0; i < per_rank; ++i) p.devices.push_back(li.local_rank * per_rank + i);
   } else {  // sequential: local rank -> GPU
     if (li.local_size > n_gpus && !cfg.distributed.allow_shared_gpus)
       throw UserError(config_path + ": " + std::to_string(li.local_size) + " ranks on " + li.hostname +
@@ -188,7 +193,7 @@ Placement place_rank(const RunConfig& cfg, const LaunchInfo& li, const std::stri
                       "), or set distributed.allow_shared_gpus: true to let ranks share GPUs");
     p.devices = {li.local_rank % n_gpus};
   }
-  const int used = (dm == "auto" && p.multi_gpu_enabled) ? n_gpus : std::min(li.local_size, n_gpus);
+  const int used = dm == "auto" ? (n_gpus / li.local_size) * li.local_size : std::min(li.local_size, n_gpus);
   if (n_gpus > used) {
     p.unused_gpus_hint = "Num GPUs = " + std::to_string(n_gpus) + " visible but training uses " +
                          std::to_string(used) + ": to use them all run `mpirun -np " + std::to_string(n_gpus) +

@@ -102,7 +102,11 @@ const ParamSpec* ParamGroup::find(const std::string& name) const {
     if (s.name == name) return &s;
   return nullptr;
 }
-Tensor ParamGroup::compute_view(const ParamSpec& p) const { return compute.flat_slice(p.offset, p.numel); }
+Tensor ParamGroup::compute_view(const ParamSpec& p) const {
+  if (stage_views.empty()) return compute.flat_slice(p.offset, p.numel);
+  const ParamSpec* spec = &p >= specs.data() && &p < specs.data() + specs.size() ? &p : find(p.name);
+  return stage_views[static_cast<size_t>(spec - specs.data())];
+}
 Tensor ParamGroup::grad_view(const ParamSpec& p) const { return grad.flat_slice(p.offset, p.numel); }
 Tensor ParamGroup::master_view(const ParamSpec& p) const { return master.flat_slice(p.offset, p.numel); }
 
@@ -168,6 +172,56 @@ struct LlamaModel::LayerActs {
   std::vector<LinearPart> qkv_parts, o_parts, gate_up_parts, down_parts;
 };
 
+// A backend (one GPU under device_map auto) with the inputs, activations and scratch its layers use.
+struct LlamaModel::Stage {
+  Backend* be = nullptr;
+  Tensor positions, doc_ids, rope_cos, rope_sin;
+  Tensor delta;  // a projection's output before its residual add
+  // backward scratch
+  Tensor dres, dln, dqkv, datt, dgu, dh, dxa, drop_scratch, lora_tmp;
+};
+
+std::vector<int64_t> balance_stages(const ModelOptions& o, int n_stages, size_t act_bytes) {
+  const LlamaArch& a = o.arch;
+  const int64_t L = a.n_layers;
+  RT_REQUIRE(n_stages >= 1 && n_stages <= L, "device_map: auto over " + std::to_string(n_stages) + " GPUs needs at least as many layers (the model has " + std::to_string(L) + ")");
+  const double act = static_cast<double>(act_bytes), N = static_cast<double>(o.max_batch * o.max_seq);
+  const double C = static_cast<double>(a.hidden_size), F = static_cast<double>(a.intermediate_size);
+  const double layer_params = static_cast<double>(a.hidden_size) * static_cast<double>(a.qkv_dim() + a.q_dim()) +
+                              3.0 * C * F + 2.0 * C;
+  // A layer: its weights and its kept input; without checkpointing its whole activation set.
+  const double set = N * (3 * C + static_cast<double>(a.qkv_dim() + a.q_dim()) + 3 * F) * act;
+  const double per_layer = layer_params * act + N * C * act + (o.checkpointing == Checkpointing::off ? set : 0.0);
+  // Every stage: a recompute set and the backward scratch; the first also the embedding, head and logits chunk.
+  const double per_stage = (o.checkpointing == Checkpointing::off ? 0.0 : set) + N * (4 * C + 5 * F) * act;
+  const double V = static_cast<double>(a.vocab_size);
+  const double first_extra = V * C * act * (a.tie_word_embeddings ? 1 : 2) + std::min(N, (256.0 * (1 << 20)) / (V * 4)) * V * (4 + act);
+  // The smallest per-GPU load at which consecutive layers fit the stages (each taking layers while
+  // under it, and leaving one for every later stage), found by bisection; then that split.
+  const auto split = [&](double cap, std::vector<int64_t>* layers) {
+    layers->assign(static_cast<size_t>(n_stages), 0);
+    int64_t next = 0;
+    for (int s = 0; s < n_stages; ++s) {
+      double load = per_stage + (s == 0 ? first_extra : 0.0);
+      int64_t& n = (*layers)[static_cast<size_t>(s)];
+      while (next < L - (n_stages - 1 - s) && (n == 0 || load + per_layer <= cap)) {
+        load += per_layer;
+        ++n;
+        ++next;
+      }
+    }
+    return next == L;
+  };
+  double lo = 0, hi = per_layer * static_cast<double>(L) + per_stage + first_extra;
+  std::vector<int64_t> layers;
+  for (int it = 0; it < 60; ++it) {
+    const double mid = (lo + hi) / 2;
+    (split(mid, &layers) ? hi : lo) = mid;
+  }
+  split(hi, &layers);
+  return layers;
+}
+
 ModelOptions model_options_from(const RunConfig& cfg, const LlamaArch& arch, int64_t max_batch) {
   ModelOptions o;
   o.arch = arch;
@@ -183,11 +237,24 @@ ModelOptions model_options_from(const RunConfig& cfg, const LlamaArch& arch, int
   return o;
 }
 
-LlamaModel::LlamaModel(Backend& backend, const ModelOptions& options) : be_(backend), opt_(options) {
+LlamaModel::LlamaModel(Backend& backend, const ModelOptions& options)
+    : LlamaModel(std::vector<Backend*>{&backend}, options) {}
+
+LlamaModel::LlamaModel(const std::vector<Backend*>& stage_backends, const ModelOptions& options)
+    : be_(*stage_backends.front()), opt_(options) {
   opt_.arch.validate("model");
   RT_REQUIRE(opt_.max_seq <= opt_.arch.max_position_embeddings,
              "model.max_seq_length (" + std::to_string(opt_.max_seq) + ") exceeds the model's max_position_embeddings (" +
                  std::to_string(opt_.arch.max_position_embeddings) + ")");
+  if (opt_.stage_layers.empty()) opt_.stage_layers = {opt_.arch.n_layers};
+  RT_ASSERT(opt_.stage_layers.size() == stage_backends.size(), "one backend per stage");
+  for (size_t st = 0; st < stage_backends.size(); ++st) {
+    RT_ASSERT(opt_.stage_layers[st] >= 1, "every stage holds a layer");
+    stages_.push_back(Stage{});
+    stages_.back().be = stage_backends[st];
+    for (int64_t k = 0; k < opt_.stage_layers[st]; ++k) layer_stage_.push_back(static_cast<int>(st));
+  }
+  RT_ASSERT(static_cast<int64_t>(layer_stage_.size()) == opt_.arch.n_layers, "the stages hold every layer once");
   build_params();
   allocate_activations();
 }
@@ -202,8 +269,29 @@ void LlamaModel::build_params() {
   // Base model. Buckets: one per layer, plus one for the embedding / final norm / head.
   base_.specs = llama_param_layout(a);
   base_.numel = base_.specs.back().offset + base_.specs.back().numel;
-  base_.compute_buf = be_.alloc(static_cast<size_t>(base_.numel) * dtype_size(act));
-  base_.compute = base_.compute_buf.as(act, {base_.numel});
+  if (stages_.size() == 1) {
+    base_.compute_buf = be_.alloc(static_cast<size_t>(base_.numel) * dtype_size(act));
+    base_.compute = base_.compute_buf.as(act, {base_.numel});
+  } else {
+    RT_REQUIRE(!opt_.train_base,
+               "model.device_map: auto spreads the frozen layers of a LoRA run over the GPUs; for full fine-tuning on "
+               "several GPUs run one rank per GPU (mpirun -np N ... --set model.enable_multi_gpu=true) with "
+               "distributed.zero_stage: 1");
+    // Each layer's tensors on its stage's GPU, the embedding, final norm and head on the first.
+    std::vector<int64_t> stage_numel(stages_.size(), 0), at;
+    for (const auto& p : base_.specs) {
+      int64_t& n = stage_numel[static_cast<size_t>(p.layer >= 0 ? layer_stage_[static_cast<size_t>(p.layer)] : 0)];
+      at.push_back(n);
+      n += p.numel;
+    }
+    for (size_t st = 0; st < stages_.size(); ++st)
+      base_.stage_bufs.push_back(stages_[st].be->alloc(static_cast<size_t>(stage_numel[st]) * dtype_size(act)));
+    for (size_t i = 0; i < base_.specs.size(); ++i) {
+      const ParamSpec& p = base_.specs[i];
+      const Buffer& buf = base_.stage_bufs[static_cast<size_t>(p.layer >= 0 ? layer_stage_[static_cast<size_t>(p.layer)] : 0)];
+      base_.stage_views.push_back(buf.as(act, {p.numel}, static_cast<size_t>(at[i]) * dtype_size(act)));
+    }
+  }
   const int global_bucket = static_cast<int>(a.n_layers);
   if (opt_.train_base) {
     if (gpu && !opt_.master_weights) {
@@ -271,27 +359,27 @@ void LlamaModel::allocate_activations() {
                                          : std::max<int64_t>(1, std::min<int64_t>(N, (256LL << 20) / (V * 4)));
   loss_chunk_ = std::min(loss_chunk_, N);
 
-  // Sizes are listed once, then carved out of one buffer per group.
+  // Sizes are listed once, then carved out of one buffer per group, on the stage's backend.
   struct Want {
     Tensor* t;
     DType dtype;
     std::vector<int64_t> shape;
   };
-  auto carve = [&](std::vector<Want> wants) {
+  auto carve = [&](Backend& be, std::vector<Want> wants) {
     size_t bytes = 0;
     for (auto& w : wants) {
       int64_t n = 1;
       for (auto d : w.shape) n *= d;
       bytes += (static_cast<size_t>(n) * dtype_size(w.dtype) + 255) / 256 * 256;
     }
-    act_buffers_.push_back(be_.alloc(bytes));
+    act_buffers_.push_back(be.alloc(bytes));
     activation_bytes_ += static_cast<int64_t>(bytes);
     char* base = static_cast<char*>(act_buffers_.back().data());
     size_t off = 0;
     for (auto& w : wants) {
       int64_t n = 1;
       for (auto d : w.shape) n *= d;
-      Tensor t(base + off, w.dtype, be_.device(), {});
+      Tensor t(base + off, w.dtype, be.device(), {});
       t.ndim = static_cast<int>(w.shape.size());
       for (size_t i = 0; i < w.shape.size(); ++i) t.shape[i] = w.shape[i];
       *w.t = t;
@@ -299,73 +387,80 @@ void LlamaModel::allocate_activations() {
     }
   };
 
-  carve({{&tokens_, DType::i32, {N}},
-         {&targets_, DType::i32, {N}},
-         {&positions_, DType::i32, {N}},
-         {&doc_ids_, DType::i32, {N}},
-         {&rope_cos_, DType::f32, {T_, a.head_dim / 2}},
-         {&rope_sin_, DType::f32, {T_, a.head_dim / 2}},
-         {&x_final_, act, {N, C}},
-         {&ln_final_, act, {N, C}},
-         {&rstd_final_, DType::f32, {N}},
-         {&delta_, act, {N, C}},
-         {&losses_, DType::f32, {N}},
-         {&logits_, DType::f32, {loss_chunk_, V}},
-         {&dlogits_, act, {loss_chunk_, V}},
-         {&dres_, act, {N, C}},
-         {&dln_, act, {N, std::max(C, a.q_dim())}},
-         {&dqkv_, act, {N, a.qkv_dim()}},
-         {&datt_, act, {N, a.q_dim()}},
-         {&dgu_, act, {N, 2 * F}},
-         {&dh_, act, {N, F}},
-         {&dxa_, act, {N, std::max<int64_t>(opt_.lora_r, 1)}},
-         {&drop_scratch_, act, {opt_.lora_dropout > 0 ? N : 1, std::max({C, F, a.q_dim()})}},
-         {&lora_tmp_, act, {opt_.lora_dropout > 0 ? N : 1, std::max({C, F, a.q_dim()})}}});
-  dln_ = dln_.view({N * std::max(C, a.q_dim())});
-
-  // Rotary tables, computed on the host as HF does (float32 angle = position * inv_freq).
+  // The inputs and the head (first stage).
+  carve(be_, {{&tokens_, DType::i32, {N}},
+              {&targets_, DType::i32, {N}},
+              {&x_final_, act, {N, C}},
+              {&ln_final_, act, {N, C}},
+              {&rstd_final_, DType::f32, {N}},
+              {&losses_, DType::f32, {N}},
+              {&logits_, DType::f32, {loss_chunk_, V}},
+              {&dlogits_, act, {loss_chunk_, V}}});
+  // What every stage's layers use: positions, rotary tables, the projection output and the
+  // backward scratch.
   const std::vector<float> inv = rope_inv_freq(a);
   std::vector<float> cosv(static_cast<size_t>(T_ * (a.head_dim / 2))), sinv(cosv.size());
   for (int64_t t = 0; t < T_; ++t)
     for (int64_t i = 0; i < a.head_dim / 2; ++i) {
+      // Rotary tables, computed on the host as HF does (float32 angle = position * inv_freq).
       const float angle = static_cast<float>(t) * inv[static_cast<size_t>(i)];
       cosv[static_cast<size_t>(t * (a.head_dim / 2) + i)] = static_cast<float>(std::cos(static_cast<double>(angle)));
       sinv[static_cast<size_t>(t * (a.head_dim / 2) + i)] = static_cast<float>(std::sin(static_cast<double>(angle)));
     }
-  be_.upload(rope_cos_, cosv.data());
-  be_.upload(rope_sin_, sinv.data());
-
-  // Layer inputs are the checkpoints: kept for every layer.
-  layer_inputs_.resize(static_cast<size_t>(a.n_layers));
-  {
-    std::vector<Want> wants;
-    for (auto& x : layer_inputs_) wants.push_back({&x, act, {N, C}});
-    carve(wants);
+  for (Stage& st : stages_) {
+    carve(*st.be, {{&st.positions, DType::i32, {N}},
+                   {&st.doc_ids, DType::i32, {N}},
+                   {&st.rope_cos, DType::f32, {T_, a.head_dim / 2}},
+                   {&st.rope_sin, DType::f32, {T_, a.head_dim / 2}},
+                   {&st.delta, act, {N, C}},
+                   {&st.dres, act, {N, C}},
+                   {&st.dln, act, {N, std::max(C, a.q_dim())}},
+                   {&st.dqkv, act, {N, a.qkv_dim()}},
+                   {&st.datt, act, {N, a.q_dim()}},
+                   {&st.dgu, act, {N, 2 * F}},
+                   {&st.dh, act, {N, F}},
+                   {&st.dxa, act, {N, std::max<int64_t>(opt_.lora_r, 1)}},
+                   {&st.drop_scratch, act, {opt_.lora_dropout > 0 ? N : 1, std::max({C, F, a.q_dim()})}},
+                   {&st.lora_tmp, act, {opt_.lora_dropout > 0 ? N : 1, std::max({C, F, a.q_dim()})}}});
+    st.dln = st.dln.view({N * std::max(C, a.q_dim())});
+    st.be->upload(st.rope_cos, cosv.data());
+    st.be->upload(st.rope_sin, sinv.data());
   }
-  // Per-layer activations: one set per layer, or a single recompute set with checkpointing.
+
+  // Layer inputs are the checkpoints: kept for every layer, on its stage.
+  layer_inputs_.resize(static_cast<size_t>(a.n_layers));
+  for (size_t st = 0; st < stages_.size(); ++st) {
+    std::vector<Want> wants;
+    for (int l = 0; l < a.n_layers; ++l)
+      if (layer_stage_[static_cast<size_t>(l)] == static_cast<int>(st))
+        wants.push_back({&layer_inputs_[static_cast<size_t>(l)], act, {N, C}});
+    carve(*stages_[st].be, wants);
+  }
+  // Per-layer activations: one set per layer, or with checkpointing a single recompute set per stage.
   const bool ckpt = opt_.checkpointing != Checkpointing::off;
-  const int n_sets = ckpt ? 1 : static_cast<int>(a.n_layers);
+  const int n_sets = ckpt ? static_cast<int>(stages_.size()) : static_cast<int>(a.n_layers);
+  const auto set_of = [&](int l) { return ckpt ? layer_stage_[static_cast<size_t>(l)] : l; };
   layer_acts_.resize(static_cast<size_t>(a.n_layers));
   std::vector<LayerActs> sets(static_cast<size_t>(n_sets));
   const int64_t r = std::max<int64_t>(opt_.lora_r, 1);
   const int n_modules = opt_.lora ? static_cast<int>(opt_.lora_targets.size()) : 0;
   std::vector<Tensor> xa_sets(static_cast<size_t>(n_sets * std::max(n_modules, 1)));
-  for (int s = 0; s < n_sets; ++s) {
-    LayerActs& A = sets[static_cast<size_t>(s)];
+  for (int set = 0; set < n_sets; ++set) {
+    LayerActs& A = sets[static_cast<size_t>(set)];
     std::vector<Want> wants = {{&A.ln1, act, {N, C}},           {&A.rstd1, DType::f32, {N}},
                                {&A.qkv, act, {N, a.qkv_dim()}}, {&A.att, act, {N, a.q_dim()}},
                                {&A.lse, DType::f32, {B_, H, T_}}, {&A.x_mid, act, {N, C}},
                                {&A.ln2, act, {N, C}},           {&A.rstd2, DType::f32, {N}},
                                {&A.gu, act, {N, 2 * F}},        {&A.h, act, {N, F}}};
-    for (int m = 0; m < n_modules; ++m) wants.push_back({&xa_sets[static_cast<size_t>(s * n_modules + m)], act, {N, r}});
-    carve(wants);
+    for (int m = 0; m < n_modules; ++m) wants.push_back({&xa_sets[static_cast<size_t>(set * n_modules + m)], act, {N, r}});
+    carve(ckpt ? *stages_[static_cast<size_t>(set)].be : be(set), wants);
   }
 
   // Wire each layer to its activation set and its LoRA parts.
   for (int l = 0; l < a.n_layers; ++l) {
-    const int s = ckpt ? 0 : l;
+    const int set = set_of(l);
     LayerActs& A = layer_acts_[static_cast<size_t>(l)];
-    A = sets[static_cast<size_t>(s)];
+    A = sets[static_cast<size_t>(set)];
     if (!opt_.lora) continue;
     int m_index = 0;
     for (int site = 0; site < 7; ++site) {
@@ -389,7 +484,7 @@ void LlamaModel::allocate_activations() {
         part.slot_b = lora_.slot[static_cast<size_t>(sb - lora_.specs.data())];
       }
       part.module_index = site;
-      part.xa = xa_sets[static_cast<size_t>(s * n_modules + m_index)];
+      part.xa = xa_sets[static_cast<size_t>(set * n_modules + m_index)];
       ++m_index;
       const std::string fused = kSites[site].fused;
       if (fused == "qkv") A.qkv_parts.push_back(part);
@@ -401,6 +496,21 @@ void LlamaModel::allocate_activations() {
 }
 
 LlamaModel::LayerActs& LlamaModel::acts(int l) { return layer_acts_[static_cast<size_t>(l)]; }
+LlamaModel::Stage& LlamaModel::stage(int l) {
+  return stages_[static_cast<size_t>(l < 0 ? 0 : layer_stage_[static_cast<size_t>(l)])];
+}
+Backend& LlamaModel::be(int l) { return *stage(l).be; }
+
+void LlamaModel::write_grad(int l, const std::vector<int>& slots, const std::function<void(float beta)>& fn) {
+  ledger_.write(slots, [&](float beta) {
+    fn(beta);
+    if (l >= 0 && layer_stage_[static_cast<size_t>(l)] != 0) be_.wait_for(be(l));
+  });
+}
+
+Backend& LlamaModel::owner(const ParamGroup& g, const ParamSpec& p) {
+  return &g == &base_ && p.layer >= 0 ? be(static_cast<int>(p.layer)) : be_;
+}
 
 Tensor LlamaModel::base_weight(int l, const std::string& suffix) const {
   // The fused projections are views over adjacent tensors: q,k,v -> [qkv_dim, C]; gate,up -> [2F, C].
@@ -409,7 +519,8 @@ Tensor LlamaModel::base_weight(int l, const std::string& suffix) const {
     const bool qkv = suffix == "self_attn.qkv";
     const ParamSpec* first = base_.find("model.layers." + std::to_string(l) + (qkv ? ".self_attn.q_proj.weight" : ".mlp.gate_proj.weight"));
     const int64_t rows = qkv ? a.qkv_dim() : 2 * a.intermediate_size;
-    return as_matrix(base_.compute.flat_slice(first->offset, rows * a.hidden_size), rows, a.hidden_size);
+    const Tensor at = base_.compute_view(*first);
+    return Tensor(at.data, at.dtype, at.device, {rows, a.hidden_size});
   }
   const std::string name = l < 0 ? suffix : "model.layers." + std::to_string(l) + "." + suffix;
   const ParamSpec* p = base_.find(name);
@@ -465,16 +576,15 @@ void LlamaModel::set_tensor(const std::string& name, const std::vector<float>& v
   const ParamSpec& p = *g->find(name);
   RT_REQUIRE(static_cast<int64_t>(values.size()) == p.numel,
              "tensor " + name + ": expected " + std::to_string(p.numel) + " values, got " + std::to_string(values.size()));
-  Tensor host(const_cast<float*>(values.data()), DType::f32, Device::cpu, {p.numel});
-  if (!g->master.empty() && g->master.data != g->compute.data) be_.upload(g->master_view(p), values.data());
-  if (be_.act_dtype() == DType::f32) {
-    be_.upload(g->compute_view(p), values.data());
+  Backend& b = owner(*g, p);
+  if (!g->master.empty() && g->master.data != g->compute.data) b.upload(g->master_view(p), values.data());
+  if (b.act_dtype() == DType::f32) {
+    b.upload(g->compute_view(p), values.data());
   } else {
     std::vector<uint16_t> bf(values.size());
     for (size_t i = 0; i < values.size(); ++i) bf[i] = f32_to_bf16(values[i]);
-    be_.upload(g->compute_view(p), bf.data());
+    b.upload(g->compute_view(p), bf.data());
   }
-  (void)host;
 }
 
 std::vector<float> LlamaModel::get_tensor(const std::string& name) {
@@ -482,11 +592,12 @@ std::vector<float> LlamaModel::get_tensor(const std::string& name) {
   RT_REQUIRE(g, "unknown tensor " + name);
   const ParamSpec& p = *g->find(name);
   std::vector<float> out(static_cast<size_t>(p.numel));
-  if (be_.act_dtype() == DType::f32) {
-    be_.download(out.data(), g->compute_view(p));
+  Backend& b = owner(*g, p);
+  if (b.act_dtype() == DType::f32) {
+    b.download(out.data(), g->compute_view(p));
   } else {
     std::vector<uint16_t> bf(out.size());
-    be_.download(bf.data(), g->compute_view(p));
+    b.download(bf.data(), g->compute_view(p));
     for (size_t i = 0; i < out.size(); ++i) out[i] = bf16_to_f32(bf[i]);
   }
   return out;
@@ -511,71 +622,77 @@ void LlamaModel::upload_inputs(const ModelInputs& in) {
   N_ = in.batch * in.seq_len;
   be_.upload(tokens_.flat_slice(0, N_), in.tokens);
   be_.upload(targets_.flat_slice(0, N_), in.targets);
-  be_.upload(positions_.flat_slice(0, N_), in.positions);
   have_doc_ids_ = in.doc_ids != nullptr;
-  if (have_doc_ids_) be_.upload(doc_ids_.flat_slice(0, N_), in.doc_ids);
+  for (Stage& st : stages_) {
+    st.be->upload(st.positions.flat_slice(0, N_), in.positions);
+    if (have_doc_ids_) st.be->upload(st.doc_ids.flat_slice(0, N_), in.doc_ids);
+  }
 }
 
 // y = x W^T (+ the LoRA parts: y[:, col:col+out] += s * drop(x) A^T B^T). With y empty only the
 // LoRA products xa = drop(x) A^T are computed (what backward needs from a recompute).
 void LlamaModel::linear_forward(Tensor y, Tensor x, int l, const std::vector<LinearPart>& parts, Tensor weight,
                                 uint64_t dropout_seed) {
-  if (!y.empty()) be_.matmul(y, x, weight, false, true, 1.f, 0.f);
+  Backend& b = be(l);
+  if (!y.empty()) b.matmul(y, x, weight, false, true, 1.f, 0.f);
   for (const LinearPart& part : parts) {
     Tensor xa = part.xa.row_slice(0, N_);
     Tensor xin = x;
     if (opt_.lora_dropout > 0 && training_) {
-      xin = drop_scratch_.row_slice(0, N_).col_slice(0, x.cols());
-      be_.dropout(xin, x, opt_.lora_dropout, mix_seed(dropout_seed, static_cast<uint64_t>(l), static_cast<uint64_t>(part.module_index)));
+      xin = stage(l).drop_scratch.row_slice(0, N_).col_slice(0, x.cols());
+      b.dropout(xin, x, opt_.lora_dropout, mix_seed(dropout_seed, static_cast<uint64_t>(l), static_cast<uint64_t>(part.module_index)));
     }
-    be_.matmul(xa, xin, part.a, false, true, 1.f, 0.f);
-    if (!y.empty()) be_.matmul(y.col_slice(part.col, part.out), xa, part.b, false, true, opt_.lora_scaling, 1.f);
+    b.matmul(xa, xin, part.a, false, true, 1.f, 0.f);
+    if (!y.empty()) b.matmul(y.col_slice(part.col, part.out), xa, part.b, false, true, opt_.lora_scaling, 1.f);
   }
 }
 
 void LlamaModel::layer_forward(int l, bool recompute, uint64_t dropout_seed) {
   const LlamaArch& a = opt_.arch;
   LayerActs& A = acts(l);
+  Stage& S = stage(l);
+  Backend& b = *S.be;
   const int64_t N = N_, C = a.hidden_size, F = a.intermediate_size;
   const float eps = static_cast<float>(a.rms_norm_eps);
   Tensor x_in = layer_inputs_[static_cast<size_t>(l)].row_slice(0, N);
   Tensor ln1 = A.ln1.row_slice(0, N), qkv = A.qkv.row_slice(0, N), att = A.att.row_slice(0, N);
   Tensor x_mid = A.x_mid.row_slice(0, N), ln2 = A.ln2.row_slice(0, N), gu = A.gu.row_slice(0, N),
          h = A.h.row_slice(0, N);
-  Tensor delta = delta_.row_slice(0, N);
+  Tensor delta = S.delta.row_slice(0, N);
 
   // In the plain forward, ln1 was written by the previous layer's fused residual + norm.
   if (recompute || l == 0)
-    be_.residual_rmsnorm_forward(Tensor(), ln1, A.rstd1.flat_slice(0, N), x_in, Tensor(),
+    b.residual_rmsnorm_forward(Tensor(), ln1, A.rstd1.flat_slice(0, N), x_in, Tensor(),
                                  base_weight(l, "input_layernorm.weight"), eps);
   // Attention block.
   linear_forward(qkv, ln1, l, A.qkv_parts, base_weight(l, "self_attn.qkv"), dropout_seed);
   Tensor q = qkv.col_slice(0, a.q_dim()), k = qkv.col_slice(a.q_dim(), a.kv_dim()),
          v = qkv.col_slice(a.q_dim() + a.kv_dim(), a.kv_dim());
-  Tensor pos = positions_.flat_slice(0, N);
-  be_.rope_forward(q, pos, rope_cos_, rope_sin_, a.head_dim);
-  be_.rope_forward(k, pos, rope_cos_, rope_sin_, a.head_dim);
+  Tensor pos = S.positions.flat_slice(0, N);
+  b.rope_forward(q, pos, S.rope_cos, S.rope_sin, a.head_dim);
+  b.rope_forward(k, pos, S.rope_cos, S.rope_sin, a.head_dim);
   attend(l, att, A.lse.flat_slice(0, B_ * a.n_heads * T_), q, k, v);
   linear_forward(delta, att, l, A.o_parts, base_weight(l, "self_attn.o_proj.weight"), dropout_seed);
-  be_.residual_rmsnorm_forward(x_mid, ln2, A.rstd2.flat_slice(0, N), x_in, delta,
+  b.residual_rmsnorm_forward(x_mid, ln2, A.rstd2.flat_slice(0, N), x_in, delta,
                                base_weight(l, "post_attention_layernorm.weight"), eps);
   // MLP block.
   linear_forward(gu, ln2, l, A.gate_up_parts, base_weight(l, "mlp.gate_up"), dropout_seed);
-  be_.swiglu_forward(h, gu.col_slice(0, F), gu.col_slice(F, F));
+  b.swiglu_forward(h, gu.col_slice(0, F), gu.col_slice(F, F));
   if (recompute) {
     // Backward needs the down projection's LoRA input product, not its output.
     linear_forward(Tensor(), h, l, A.down_parts, Tensor(), dropout_seed);
     return;
   }
   linear_forward(delta, h, l, A.down_parts, base_weight(l, "mlp.down_proj.weight"), dropout_seed);
-  // Residual add fused with the next norm: the next layer's input and its ln1, or the final norm.
+  // Residual add fused with the next norm: the next layer's input and its ln1, or the final norm
+  // (written into the next stage's or the first stage's memory when they are on another GPU).
   if (l + 1 < a.n_layers) {
     LayerActs& next = acts(l + 1);
-    be_.residual_rmsnorm_forward(layer_inputs_[static_cast<size_t>(l + 1)].row_slice(0, N), next.ln1.row_slice(0, N),
+    b.residual_rmsnorm_forward(layer_inputs_[static_cast<size_t>(l + 1)].row_slice(0, N), next.ln1.row_slice(0, N),
                                  next.rstd1.flat_slice(0, N), x_mid, delta,
                                  base_weight(l + 1, "input_layernorm.weight"), eps);
   } else {
-    be_.residual_rmsnorm_forward(x_final_.row_slice(0, N), ln_final_.row_slice(0, N), rstd_final_.flat_slice(0, N),
+    b.residual_rmsnorm_forward(x_final_.row_slice(0, N), ln_final_.row_slice(0, N), rstd_final_.flat_slice(0, N),
                                  x_mid, delta, base_weight(-1, "model.norm.weight"), eps);
   }
   (void)C;
@@ -586,22 +703,23 @@ void LlamaModel::layer_forward(int l, bool recompute, uint64_t dropout_seed) {
 // all of it.
 void LlamaModel::attend(int l, Tensor att, Tensor lse, Tensor q, Tensor k, Tensor v) {
   const LlamaArch& a = opt_.arch;
+  Backend& b = be(l);
   const float scale = 1.0f / std::sqrt(static_cast<float>(a.head_dim));
   Tensor k_cache = kv_.k.empty() ? Tensor() : kv_.k[static_cast<size_t>(l)];
   Tensor v_cache = kv_.v.empty() ? Tensor() : kv_.v[static_cast<size_t>(l)];
   if (pass_ == Pass::decode) {
-    be_.copy(position_rows(k_cache, kv_.len), k);
-    be_.copy(position_rows(v_cache, kv_.len), v);
+    b.copy(position_rows(k_cache, kv_.len), k);
+    b.copy(position_rows(v_cache, kv_.len), v);
     const AttnShape shape{B_, kv_.max_len, a.n_heads, a.n_kv_heads, a.head_dim, scale};
-    be_.attention_decode(att, q, k_cache, v_cache, kv_.len + 1, shape);
+    b.attention_decode(att, q, k_cache, v_cache, kv_.len + 1, shape);
     return;
   }
   const AttnShape shape{B_, T_, a.n_heads, a.n_kv_heads, a.head_dim, scale};
-  be_.attention_forward(att, lse, q, k, v, have_doc_ids_ ? doc_ids_.flat_slice(0, N_) : Tensor(), shape);
+  b.attention_forward(att, lse, q, k, v, have_doc_ids_ ? stage(l).doc_ids.flat_slice(0, N_) : Tensor(), shape);
   if (pass_ != Pass::prefill) return;
-  for (int64_t b = 0; b < B_; ++b) {
-    be_.copy(sequence_rows(k_cache, b, T_), k.row_slice(b * T_, T_));
-    be_.copy(sequence_rows(v_cache, b, T_), v.row_slice(b * T_, T_));
+  for (int64_t seq = 0; seq < B_; ++seq) {
+    b.copy(sequence_rows(k_cache, seq, T_), k.row_slice(seq * T_, T_));
+    b.copy(sequence_rows(v_cache, seq, T_), v.row_slice(seq * T_, T_));
   }
 }
 
@@ -610,17 +728,23 @@ void LlamaModel::forward(const ModelInputs& in, bool training, uint64_t dropout_
   upload_inputs(in);
   be_.embedding_forward(layer_inputs_[0].row_slice(0, N_), tokens_.flat_slice(0, N_),
                         base_weight(-1, "model.embed_tokens.weight"));
-  for (int l = 0; l < opt_.arch.n_layers; ++l) layer_forward(l, /*recompute=*/false, dropout_seed);
+  const int last = static_cast<int>(opt_.arch.n_layers) - 1;
+  for (int l = 0; l <= last; ++l) {
+    // A stage starts when the previous one has written its first layer's input.
+    if (l > 0 && layer_stage_[static_cast<size_t>(l)] != layer_stage_[static_cast<size_t>(l - 1)]) be(l).wait_for(be(l - 1));
+    layer_forward(l, /*recompute=*/false, dropout_seed);
+  }
+  be_.wait_for(be(last));  // the head reads the last stage's output
 }
 
 // The LM head fused with cross-entropy, chunk by chunk: logits = ln_final W^T (f32), loss per row,
-// and in training dlogits -> d ln_final (into dln_) and the head's weight gradient.
+// and in training dlogits -> d ln_final (into the first stage's dln) and the head's weight gradient.
 double LlamaModel::head_loss(int64_t n_rows, bool backward, float grad_scale, std::vector<float>* logits_out) {
   const LlamaArch& a = opt_.arch;
   const int64_t V = a.vocab_size, C = a.hidden_size;
   const std::string head_name = a.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
   Tensor w = base_weight(-1, head_name);
-  Tensor dln = dln_.flat_slice(0, n_rows * C).view({n_rows, C});
+  Tensor dln = stages_[0].dln.flat_slice(0, n_rows * C).view({n_rows, C});
   auto pass = [&](float beta, Tensor dw) {
     for (int64_t r0 = 0; r0 < n_rows; r0 += loss_chunk_) {
       const int64_t n = std::min(loss_chunk_, n_rows - r0);
@@ -642,7 +766,7 @@ double LlamaModel::head_loss(int64_t n_rows, bool backward, float grad_scale, st
   if (backward && opt_.train_base) {
     const ParamSpec* p = base_.find(head_name);
     Tensor dw = as_matrix(base_.grad_view(*p), V, C);
-    ledger_.write({base_slot(-1, head_name)}, [&](float beta) { pass(beta, dw); });
+    write_grad(-1, {base_slot(-1, head_name)}, [&](float beta) { pass(beta, dw); });
   } else {
     pass(0.f, Tensor());
   }
@@ -672,16 +796,23 @@ void LlamaModel::prefill(int64_t batch, int64_t max_len, int64_t n_tokens, const
   const DType act = be_.act_dtype();
   const int64_t per_tensor = batch * max_len * a.kv_dim();
   const size_t tensor_bytes = static_cast<size_t>(per_tensor) * dtype_size(act);
-  const size_t bytes = 2 * static_cast<size_t>(a.n_layers) * tensor_bytes;
-  if (kv_.buffer.bytes() < bytes) {
-    kv_.buffer = Buffer();  // free the old cache before allocating the larger one
-    kv_.buffer = be_.alloc(bytes);
+  // Each stage's layers' caches on its GPU.
+  kv_.buffers.resize(stages_.size());
+  std::vector<size_t> at(stages_.size(), 0);
+  for (size_t st = 0; st < stages_.size(); ++st) {
+    const size_t bytes = 2 * static_cast<size_t>(opt_.stage_layers[st]) * tensor_bytes;
+    if (kv_.buffers[st].bytes() < bytes) {
+      kv_.buffers[st] = Buffer();  // free the old cache before allocating the larger one
+      kv_.buffers[st] = stages_[st].be->alloc(bytes);
+    }
   }
   kv_.k.clear();
   kv_.v.clear();
   for (int64_t l = 0; l < a.n_layers; ++l) {
-    kv_.k.push_back(kv_.buffer.as(act, {batch, max_len, a.kv_dim()}, static_cast<size_t>(2 * l) * tensor_bytes));
-    kv_.v.push_back(kv_.buffer.as(act, {batch, max_len, a.kv_dim()}, static_cast<size_t>(2 * l + 1) * tensor_bytes));
+    const size_t st = static_cast<size_t>(layer_stage_[static_cast<size_t>(l)]);
+    kv_.k.push_back(kv_.buffers[st].as(act, {batch, max_len, a.kv_dim()}, at[st]));
+    kv_.v.push_back(kv_.buffers[st].as(act, {batch, max_len, a.kv_dim()}, at[st] + tensor_bytes));
+    at[st] += 2 * tensor_bytes;
   }
   kv_.batch = batch;
   kv_.max_len = max_len;
@@ -732,41 +863,43 @@ std::vector<float> LlamaModel::head_logits(int64_t n_rows) {
 // accumulated) when dx is non-empty; the weight's and adapters' gradients through the ledger.
 void LlamaModel::linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const std::vector<LinearPart>& parts,
                                  Tensor weight, const std::vector<int>& weight_slots, uint64_t dropout_seed) {
-  if (!dx.empty()) be_.matmul(dx, dy, weight, false, false, 1.f, 0.f);
+  Backend& b = be(l);
+  Stage& S = stage(l);
+  if (!dx.empty()) b.matmul(dx, dy, weight, false, false, 1.f, 0.f);
   if (opt_.train_base && !weight_slots.empty()) {
     const ParamSpec& first = *std::find_if(base_.specs.begin(), base_.specs.end(), [&](const ParamSpec& p) {
       return base_.slot[static_cast<size_t>(&p - base_.specs.data())] == weight_slots.front();
     });
     Tensor dw = base_.grad.flat_slice(first.offset, weight.numel()).view({weight.rows(), weight.cols()});
-    ledger_.write(weight_slots, [&](float beta) { be_.matmul(dw, dy, x, true, false, 1.f, beta); });
+    write_grad(l, weight_slots, [&](float beta) { b.matmul(dw, dy, x, true, false, 1.f, beta); });
   }
   for (const LinearPart& part : parts) {
     Tensor dy_part = dy.col_slice(part.col, part.out);
     Tensor xa = part.xa.row_slice(0, N_);
-    Tensor dxa = dxa_.flat_slice(0, N_ * opt_.lora_r).view({N_, opt_.lora_r});
+    Tensor dxa = S.dxa.flat_slice(0, N_ * opt_.lora_r).view({N_, opt_.lora_r});
     Tensor xin = x;
     const uint64_t seed = mix_seed(dropout_seed, static_cast<uint64_t>(l), static_cast<uint64_t>(part.module_index));
     if (opt_.lora_dropout > 0) {
-      xin = drop_scratch_.row_slice(0, N_).col_slice(0, x.cols());
-      be_.dropout(xin, x, opt_.lora_dropout, seed);
+      xin = S.drop_scratch.row_slice(0, N_).col_slice(0, x.cols());
+      b.dropout(xin, x, opt_.lora_dropout, seed);
     }
-    be_.matmul(dxa, dy_part, part.b, false, false, opt_.lora_scaling, 0.f);  // s * dy B
+    b.matmul(dxa, dy_part, part.b, false, false, opt_.lora_scaling, 0.f);  // s * dy B
     if (!part.grad_b.empty()) {
-      ledger_.write({part.slot_b}, [&](float beta) {
-        be_.matmul(part.grad_b, dy_part, xa, true, false, opt_.lora_scaling, beta);  // s dy^T xa
+      write_grad(l, {part.slot_b}, [&](float beta) {
+        b.matmul(part.grad_b, dy_part, xa, true, false, opt_.lora_scaling, beta);  // s dy^T xa
       });
-      ledger_.write({part.slot_a}, [&](float beta) {
-        be_.matmul(part.grad_a, dxa, xin, true, false, 1.f, beta);  // (s dy B)^T drop(x)
+      write_grad(l, {part.slot_a}, [&](float beta) {
+        b.matmul(part.grad_a, dxa, xin, true, false, 1.f, beta);  // (s dy B)^T drop(x)
       });
     }
     if (dx.empty()) continue;
     if (opt_.lora_dropout > 0) {
-      Tensor tmp = lora_tmp_.row_slice(0, N_).col_slice(0, dx.cols());
-      be_.matmul(tmp, dxa, part.a, false, false, 1.f, 0.f);
-      be_.dropout(tmp, tmp, opt_.lora_dropout, seed);
-      be_.add(dx, tmp);
+      Tensor tmp = S.lora_tmp.row_slice(0, N_).col_slice(0, dx.cols());
+      b.matmul(tmp, dxa, part.a, false, false, 1.f, 0.f);
+      b.dropout(tmp, tmp, opt_.lora_dropout, seed);
+      b.add(dx, tmp);
     } else {
-      be_.matmul(dx, dxa, part.a, false, false, 1.f, 1.f);
+      b.matmul(dx, dxa, part.a, false, false, 1.f, 1.f);
     }
   }
 }
@@ -775,12 +908,14 @@ void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
   const LlamaArch& a = opt_.arch;
   if (opt_.checkpointing != Checkpointing::off) layer_forward(l, /*recompute=*/true, dropout_seed);
   LayerActs& A = acts(l);
+  Stage& S = stage(l);
+  Backend& b = *S.be;
   const int64_t N = N_, C = a.hidden_size, F = a.intermediate_size;
   Tensor x_in = layer_inputs_[static_cast<size_t>(l)].row_slice(0, N);
-  Tensor dres = dres_.row_slice(0, N);
-  Tensor dh = dh_.row_slice(0, N), dgu = dgu_.row_slice(0, N);
-  Tensor dln = dln_.flat_slice(0, N * C).view({N, C});
-  Tensor dqkv = dqkv_.row_slice(0, N), datt = datt_.row_slice(0, N);
+  Tensor dres = S.dres.row_slice(0, N);
+  Tensor dh = S.dh.row_slice(0, N), dgu = S.dgu.row_slice(0, N);
+  Tensor dln = S.dln.flat_slice(0, N * C).view({N, C});
+  Tensor dqkv = S.dqkv.row_slice(0, N), datt = S.datt.row_slice(0, N);
   const bool full = opt_.train_base;
   auto slots = [&](std::initializer_list<const char*> names) {
     std::vector<int> s;
@@ -794,7 +929,7 @@ void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
   // MLP: d = h Wd^T; x_out = x_mid + d.
   linear_backward(dh, dres, A.h.row_slice(0, N), l, A.down_parts, base_weight(l, "mlp.down_proj.weight"),
                   slots({"mlp.down_proj.weight"}), dropout_seed);
-  be_.swiglu_backward(dgu.col_slice(0, F), dgu.col_slice(F, F), dh, A.gu.row_slice(0, N).col_slice(0, F),
+  b.swiglu_backward(dgu.col_slice(0, F), dgu.col_slice(F, F), dh, A.gu.row_slice(0, N).col_slice(0, F),
                       A.gu.row_slice(0, N).col_slice(F, F));
   linear_backward(dln, dgu, A.ln2.row_slice(0, N), l, A.gate_up_parts, base_weight(l, "mlp.gate_up"),
                   slots({"mlp.gate_proj.weight", "mlp.up_proj.weight"}), dropout_seed);
@@ -803,11 +938,11 @@ void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
     if (full) {
       const ParamSpec* p = base_.find("model.layers." + std::to_string(l) + "." + wname);
       dw = base_.grad_view(*p);
-      ledger_.write({base_slot(l, wname)}, [&](float beta) {
-        be_.rmsnorm_backward(dres, dw, beta, dln, x, base_weight(l, wname), rstd);
+      write_grad(l, {base_slot(l, wname)}, [&](float beta) {
+        b.rmsnorm_backward(dres, dw, beta, dln, x, base_weight(l, wname), rstd);
       });
     } else {
-      be_.rmsnorm_backward(dres, Tensor(), 0.f, dln, x, base_weight(l, wname), rstd);
+      b.rmsnorm_backward(dres, Tensor(), 0.f, dln, x, base_weight(l, wname), rstd);
     }
   };
   norm_backward(A.x_mid.row_slice(0, N), "post_attention_layernorm.weight", A.rstd2.flat_slice(0, N));
@@ -821,11 +956,11 @@ void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
   Tensor dq = dqkv.col_slice(0, a.q_dim()), dk = dqkv.col_slice(a.q_dim(), a.kv_dim()),
          dv = dqkv.col_slice(a.q_dim() + a.kv_dim(), a.kv_dim());
   const AttnShape shape{B_, T_, a.n_heads, a.n_kv_heads, a.head_dim, 1.0f / std::sqrt(static_cast<float>(a.head_dim))};
-  be_.attention_backward(dq, dk, dv, datt, A.att.row_slice(0, N), A.lse.flat_slice(0, B_ * a.n_heads * T_), q, k, v,
-                         have_doc_ids_ ? doc_ids_.flat_slice(0, N) : Tensor(), shape);
-  Tensor pos = positions_.flat_slice(0, N);
-  be_.rope_backward(dq, pos, rope_cos_, rope_sin_, a.head_dim);
-  be_.rope_backward(dk, pos, rope_cos_, rope_sin_, a.head_dim);
+  b.attention_backward(dq, dk, dv, datt, A.att.row_slice(0, N), A.lse.flat_slice(0, B_ * a.n_heads * T_), q, k, v,
+                         have_doc_ids_ ? S.doc_ids.flat_slice(0, N) : Tensor(), shape);
+  Tensor pos = S.positions.flat_slice(0, N);
+  b.rope_backward(dq, pos, S.rope_cos, S.rope_sin, a.head_dim);
+  b.rope_backward(dk, pos, S.rope_cos, S.rope_sin, a.head_dim);
   linear_backward(need_dx ? dln : Tensor(), dqkv, A.ln1.row_slice(0, N), l, A.qkv_parts,
                   base_weight(l, "self_attn.qkv"), slots({"self_attn.q_proj.weight", "self_attn.k_proj.weight",
                                                           "self_attn.v_proj.weight"}),
@@ -837,26 +972,35 @@ double LlamaModel::forward_backward(const ModelInputs& in, float grad_scale, uin
   const LlamaArch& a = opt_.arch;
   forward(in, true, dropout_seed);
   const double loss = head_loss(N_, true, grad_scale, nullptr);
-  // d ln_final is in dln_; through the final norm into the residual stream's gradient.
+  // d ln_final is in the first stage's dln; through the final norm into the residual stream's gradient.
   const int64_t N = N_, C = a.hidden_size;
-  Tensor dres = dres_.row_slice(0, N);
+  Tensor dres = stages_[0].dres.row_slice(0, N);
   be_.fill(dres, 0.f);
-  Tensor dln = dln_.flat_slice(0, N * C).view({N, C});
+  Tensor dln = stages_[0].dln.flat_slice(0, N * C).view({N, C});
   Tensor norm_w = base_weight(-1, "model.norm.weight");
   if (opt_.train_base) {
     const ParamSpec* p = base_.find("model.norm.weight");
-    ledger_.write({base_slot(-1, "model.norm.weight")}, [&](float beta) {
+    write_grad(-1, {base_slot(-1, "model.norm.weight")}, [&](float beta) {
       be_.rmsnorm_backward(dres, base_.grad_view(*p), beta, dln, x_final_.row_slice(0, N), norm_w,
                            rstd_final_.flat_slice(0, N));
     });
   } else {
     be_.rmsnorm_backward(dres, Tensor(), 0.f, dln, x_final_.row_slice(0, N), norm_w, rstd_final_.flat_slice(0, N));
   }
-  for (int l = static_cast<int>(a.n_layers) - 1; l >= 0; --l) layer_backward(l, dropout_seed);
+  // Backward through the stages in reverse: each takes the residual gradient from the one after it.
+  const int last = static_cast<int>(a.n_layers) - 1;
+  for (int l = last; l >= 0; --l) {
+    const int from = l == last ? -1 : l + 1;  // the final norm's gradient is on the first stage
+    if (&stage(l) != &stage(from)) {
+      be(l).wait_for(be(from));
+      be(l).copy(stage(l).dres.row_slice(0, N), stage(from).dres.row_slice(0, N));
+    }
+    layer_backward(l, dropout_seed);
+  }
   if (opt_.train_base) {
     const ParamSpec* p = base_.find("model.embed_tokens.weight");
     Tensor dtable = as_matrix(base_.grad_view(*p), a.vocab_size, C);
-    ledger_.write({base_slot(-1, "model.embed_tokens.weight")}, [&](float beta) {
+    write_grad(-1, {base_slot(-1, "model.embed_tokens.weight")}, [&](float beta) {
       be_.embedding_backward(dtable, dres, tokens_.flat_slice(0, N), beta);
     });
   }

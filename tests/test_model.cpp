@@ -7,6 +7,7 @@
 #include <random>
 
 #include "ranktune/backend.h"
+#include "ranktune/error.h"
 #include "ranktune/model.h"
 
 using namespace ranktune;
@@ -127,19 +128,20 @@ void finite_difference_check(bool lora, bool tied, const std::vector<std::string
 }  // namespace
 
 TEST(Model, LoraGradientsMatchFiniteDifferences) {
-  finite_difference_check(true, false,
-                          {"model.layers.0.self_attn.q_proj.lora_A.weight", "model.layers.0.self_attn.k_proj.lora_B.weight",
-                           "model.layers.1.self_attn.v_proj.lora_A.weight", "model.layers.1.self_attn.o_proj.lora_B.weight",
-                           "model.layers.0.mlp.gate_proj.lora_A.weight", "model.layers.1.mlp.up_proj.lora_B.weight",
-                           "model.layers.0.mlp.down_proj.lora_A.weight"});
+  finite_difference_check(
+      true, false,
+      {"model.layers.0.self_attn.q_proj.lora_A.weight", "model.layers.0.self_attn.k_proj.lora_B.weight",
+       "model.layers.1.self_attn.v_proj.lora_A.weight", "model.layers.1.self_attn.o_proj.lora_B.weight",
+       "model.layers.0.mlp.gate_proj.lora_A.weight", "model.layers.1.mlp.up_proj.lora_B.weight",
+       "model.layers.0.mlp.down_proj.lora_A.weight"});
 }
 
 TEST(Model, FullGradientsMatchFiniteDifferences) {
-  finite_difference_check(false, true,
-                          {"model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
-                           "model.layers.0.self_attn.k_proj.weight", "model.layers.1.self_attn.o_proj.weight",
-                           "model.layers.1.post_attention_layernorm.weight", "model.layers.0.mlp.down_proj.weight",
-                           "model.norm.weight"});
+  finite_difference_check(
+      false, true,
+      {"model.embed_tokens.weight", "model.layers.0.input_layernorm.weight", "model.layers.0.self_attn.k_proj.weight",
+       "model.layers.1.self_attn.o_proj.weight", "model.layers.1.post_attention_layernorm.weight",
+       "model.layers.0.mlp.down_proj.weight", "model.norm.weight"});
   finite_difference_check(false, false, {"lm_head.weight", "model.embed_tokens.weight"});
 }
 
@@ -262,4 +264,72 @@ TEST(Model, EvalIgnoresLoraDropout) {
   Data d = make_data(4);
   EXPECT_EQ(loss_only(a, d), loss_only(b, d));
   EXPECT_NE(step(a, d), step(b, d));  // while training, dropout changes the loss
+}
+
+// device_map auto's layer stages, on CPU backends: a model spread over three backends computes
+// bitwise what one backend computes (losses, every LoRA gradient, eval logits and KV-cache
+// generation), with checkpointing on and off and with LoRA dropout.
+TEST(ModelStages, ThreeStagesEqualOne) {
+  for (Checkpointing ckpt : {Checkpointing::on, Checkpointing::off}) {
+    ModelOptions o = options(true, ckpt, true);
+    o.arch.n_layers = 4;
+    o.lora_dropout = 0.1f;
+    auto one_be = make_cpu_backend();
+    std::vector<std::unique_ptr<Backend>> bes;
+    for (int i = 0; i < 3; ++i) bes.push_back(make_cpu_backend());
+    LlamaModel one(*one_be, o);
+    o.stage_layers = {1, 2, 1};
+    LlamaModel three({bes[0].get(), bes[1].get(), bes[2].get()}, o);
+    EXPECT_EQ(three.n_stages(), 3);
+    EXPECT_EQ(three.stage_of_layer(0), 0);
+    EXPECT_EQ(three.stage_of_layer(2), 1);
+    EXPECT_EQ(three.stage_of_layer(3), 2);
+    randomize(one, 21);
+    randomize(three, 21);
+    Data d = make_data(4);
+    EXPECT_EQ(step(one, d), step(three, d));
+    for (const auto& p : one.lora().specs) EXPECT_EQ(one.get_grad(p.name), three.get_grad(p.name)) << p.name;
+    std::vector<float> la, lb;
+    EXPECT_EQ(one.forward_loss(d.in(), &la), three.forward_loss(d.in(), &lb));
+    EXPECT_EQ(la, lb);
+    one.prefill(2, 9, 4, d.tokens.data());
+    three.prefill(2, 9, 4, d.tokens.data());
+    EXPECT_EQ(one.decode_step({3, 5}), three.decode_step({3, 5}));
+  }
+}
+
+TEST(ModelStages, FullFineTuningOverStagesIsRefusedWithAdvice) {
+  ModelOptions o = options(false, Checkpointing::on);
+  o.stage_layers = {1, 1};
+  auto a = make_cpu_backend(), b = make_cpu_backend();
+  try {
+    LlamaModel m({a.get(), b.get()}, o);
+    FAIL() << "expected a UserError";
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find("zero_stage"), std::string::npos) << e.what();
+  }
+}
+
+TEST(ModelStages, BalanceGivesEveryStageALayerAndTheFirstFewer) {
+  ModelOptions o = options(true, Checkpointing::on);
+  o.arch.n_layers = 16;
+  o.arch.hidden_size = 2048;
+  o.arch.intermediate_size = 8192;
+  o.arch.n_heads = 32;
+  o.arch.n_kv_heads = 8;
+  o.arch.head_dim = 64;
+  o.arch.vocab_size = 128256;
+  o.max_batch = 2;
+  o.max_seq = 2048;
+  for (int n = 1; n <= 4; ++n) {
+    const auto layers = balance_stages(o, n, 2);
+    ASSERT_EQ(static_cast<int>(layers.size()), n);
+    int64_t total = 0;
+    for (int64_t k : layers) {
+      EXPECT_GE(k, 1);
+      total += k;
+    }
+    EXPECT_EQ(total, 16);
+    if (n > 1) EXPECT_LT(layers.front(), layers.back()) << n;  // the embedding and head weigh on the first
+  }
 }

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "ranktune/tensor.h"
 
@@ -52,13 +53,17 @@ class Backend {
   // that orders other work after it (NCCL on a communication stream); -1 and null on the CPU.
   virtual int device_index() const { return -1; }
   virtual void* native_stream() const { return nullptr; }
+  // Work queued on this backend from now on waits for the work queued so far on `other` (a
+  // backend of another GPU of the same process: device_map auto). No-op on the CPU.
+  virtual void wait_for(Backend& other) { (void)other; }
 
   // ---- memory -------------------------------------------------------------------------------
   virtual Buffer alloc(size_t bytes) = 0;                  // zero-filled
   virtual void upload(Tensor dst, const void* host) = 0;   // dst.nbytes() bytes, contiguous dst
   virtual void download(void* host, Tensor src) = 0;       // contiguous src; synchronizes
-  virtual void copy(Tensor dst, Tensor src) = 0;           // same device; dtype conversion allowed
-                                                           // between f32 and bf16; 2-D strided ok
+  virtual void copy(Tensor dst, Tensor src) = 0;           // dtype conversion allowed between f32 and
+                                                           // bf16; 2-D strided ok; on the GPU src may
+                                                           // be on a peer GPU (device_map auto)
   virtual void fill(Tensor dst, float value) = 0;
   virtual void synchronize() = 0;
 
@@ -195,5 +200,8 @@ RT_HOST_DEVICE inline uint8_t adam8bit_quantize(const float* map, float x) {
 std::unique_ptr<Backend> make_cpu_backend();
 // Throws UserError when ranktune was built without CUDA or the device cannot be used.
 std::unique_ptr<Backend> make_cuda_backend(int device_index);
+// device_map auto: lets every listed GPU read and write the others' memory (kernels of one layer
+// write the next layer's input on the next GPU). UserError when a pair has no peer access.
+void enable_peer_access(const std::vector<int>& devices);
 
 }  // namespace ranktune

@@ -75,8 +75,11 @@ struct ParamGroup {
   std::vector<ParamSpec> specs;
   int64_t numel = 0;
   Buffer compute_buf, master_buf, grad_buf;
-  Tensor compute, master, grad;  // flat 1-D views
+  Tensor compute, master, grad;  // flat 1-D views (no flat compute view when spread over GPUs)
   std::vector<int> slot;         // ledger slot per spec (trainable groups)
+  // device_map auto: the compute copy in one buffer per GPU, a view per spec.
+  std::vector<Buffer> stage_bufs;
+  std::vector<Tensor> stage_views;
   const ParamSpec* find(const std::string& name) const;
   Tensor compute_view(const ParamSpec& p) const;
   Tensor grad_view(const ParamSpec& p) const;
@@ -98,7 +101,13 @@ struct ModelOptions {
   // fp32 master copies of the trainable weights on the GPU; off under ZeRO-1, where the optimizer
   // keeps the masters of its shard only.
   bool master_weights = true;
+  // device_map auto: how many consecutive layers each backend (GPU) holds; empty = all on one.
+  std::vector<int64_t> stage_layers;
 };
+// device_map auto: consecutive layers per GPU, balanced so that each GPU's share of the memory --
+// its layers' frozen weights and activations, and on the first GPU the embedding, head, logits
+// chunk and the trainable adapters -- is about even. Every GPU gets at least one layer.
+std::vector<int64_t> balance_stages(const ModelOptions& options, int n_stages, size_t act_bytes);
 ModelOptions model_options_from(const RunConfig& cfg, const LlamaArch& arch, int64_t max_batch);
 
 // One micro-batch as the data loader gives it (host memory, row-major [B, T]).
@@ -113,13 +122,19 @@ struct ModelInputs {
 class LlamaModel {
  public:
   LlamaModel(Backend& backend, const ModelOptions& options);
+  // device_map auto: one backend per GPU, options.stage_layers consecutive layers on each; the
+  // embedding, final norm, head and the LoRA adapters (with their gradients) live on the first,
+  // and activations cross GPUs with peer copies. LoRA (frozen base) only.
+  LlamaModel(const std::vector<Backend*>& stage_backends, const ModelOptions& options);
   ~LlamaModel();
   LlamaModel(const LlamaModel&) = delete;
   LlamaModel& operator=(const LlamaModel&) = delete;
 
   const LlamaArch& arch() const { return opt_.arch; }
   const ModelOptions& options() const { return opt_; }
-  Backend& backend() { return be_; }
+  Backend& backend() { return be_; }  // the first GPU's (all of it with one stage)
+  int n_stages() const { return static_cast<int>(opt_.stage_layers.size()); }
+  int stage_of_layer(int l) const { return layer_stage_[static_cast<size_t>(l)]; }
 
   ParamGroup& base() { return base_; }
   ParamGroup& lora() { return lora_; }
@@ -168,10 +183,11 @@ class LlamaModel {
  private:
   struct LayerActs;
   struct LinearPart;
+  struct Stage;
   // Each layer's rotated keys and values of the sequences being generated, [batch, max_len,
   // kv_dim] act each, in one buffer; len positions of every sequence are filled.
   struct KvCache {
-    Buffer buffer;
+    std::vector<Buffer> buffers;  // one per stage
     std::vector<Tensor> k, v;
     int64_t batch = 0, max_len = 0, len = 0;
   };
@@ -192,22 +208,28 @@ class LlamaModel {
   void linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const std::vector<LinearPart>& parts,
                        Tensor weight, const std::vector<int>& weight_slots, uint64_t dropout_seed);
   LayerActs& acts(int l);
+  Stage& stage(int l);  // the stage of layer l
+  Backend& be(int l);   // the backend that runs layer l
+  // A gradient write of layer l through the ledger; on a later stage the first stage waits for it
+  // before anything (a bucket's all-reduce, the optimizer) reads the gradient, which lives there.
+  void write_grad(int l, const std::vector<int>& slots, const std::function<void(float beta)>& fn);
+  Backend& owner(const ParamGroup& g, const ParamSpec& p);
   Tensor base_weight(int l, const std::string& suffix) const;
   int base_slot(int l, const std::string& suffix) const;
 
-  Backend& be_;
+  Backend& be_;  // the first stage's
   ModelOptions opt_;
+  std::vector<Stage> stages_;
+  std::vector<int> layer_stage_;
   ParamGroup base_, lora_;
   GradLedger ledger_;
   std::vector<LayerActs> layer_acts_;
   std::vector<Buffer> act_buffers_;
   int64_t activation_bytes_ = 0;
-  // inputs and global activations
-  Tensor tokens_, targets_, positions_, doc_ids_, rope_cos_, rope_sin_;
+  // inputs and the head's activations (first stage)
+  Tensor tokens_, targets_;
   std::vector<Tensor> layer_inputs_;  // x_in of every layer, kept always (the checkpoints)
-  Tensor x_final_, ln_final_, rstd_final_, delta_, losses_, logits_, dlogits_;
-  // backward scratch
-  Tensor dres_, dln_, dqkv_, datt_, dgu_, dh_, dxa_, drop_scratch_, lora_tmp_;
+  Tensor x_final_, ln_final_, rstd_final_, losses_, logits_, dlogits_;
   bool have_doc_ids_ = false;
   KvCache kv_;
   Pass pass_ = Pass::normal;
