@@ -4,7 +4,8 @@
 # ranktune builds the CPU path only.
 set -euo pipefail
 packages=(build-essential cmake ninja-build pkg-config libopenmpi-dev openmpi-bin libhdf5-dev hdf5-tools
-          libyaml-cpp-dev nlohmann-json3-dev libgtest-dev libpcre2-dev python3 python3-matplotlib)
+          libyaml-cpp-dev nlohmann-json3-dev libgtest-dev libpcre2-dev python3 python3-matplotlib
+          slurmctld slurmd slurm-client munge)  # the slurm test's local cluster (tools/slurm_local.sh)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
