@@ -29,6 +29,7 @@
 #include "ranktune/error.h"
 #include "ranktune/generate.h"
 #include "ranktune/hf_config.h"
+#include "ranktune/memory_plan.h"
 #include "ranktune/model.h"
 #include "ranktune/optimizer.h"
 #include "ranktune/safetensors.h"
@@ -325,6 +326,8 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
   RT_REQUIRE(!ec && access(ckpt_dir.c_str(), W_OK) == 0,
              cfg.source + ": " + ckpt_dir + " cannot be written: choose another training.output_dir");
 
+  // The memory plan, checked against the device's budget before anything is allocated.
+  const MemoryCheck memory = check_training_memory(cfg, resolve_arch(cfg), B, li, place_rank(cfg, li, cfg.source));
   Session s = open_session(cfg, li, B);
   LlamaModel& model = *s.model;
   if (root) {
@@ -454,10 +457,7 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
                 (long long)B, (long long)T, (long long)accum, li.world_size, (long long)(B * accum * li.world_size),
                 (long long)total_steps, (long long)warmup, opt.kind().c_str(),
                 cfg.model.gradient_checkpointing == Checkpointing::off ? "off" : "on");
-    std::printf("memory plan: weights %.1f MiB, trainable+grads+optimizer %.1f MiB, activations %.1f MiB\n",
-                static_cast<double>(model.base().numel * static_cast<int64_t>(dtype_size(s.backend->act_dtype()))) / (1 << 20),
-                static_cast<double>(params.numel * 8 + opt.state_bytes()) / (1 << 20),
-                static_cast<double>(model.activation_bytes()) / (1 << 20));
+    std::printf("%s", memory.report.c_str());
     std::fflush(stdout);
   }
 
@@ -554,6 +554,10 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
                  std::to_string(bad_in_row) + " non-finite steps in a row (training.max_bad_steps = " +
                      std::to_string(tc.max_bad_steps) + "): lower training.learning_rate or check the data");
     }
+    if (root && step == first_step) {
+      const std::string line = measured_memory_line(memory, "after step " + std::to_string(step + 1));
+      if (!line.empty()) std::printf("%s%s\n", tty ? "\r" : "", line.c_str());
+    }
     tokens_since_log += static_cast<int64_t>(step_tokens);
     tokens_total += static_cast<int64_t>(step_tokens);
     if (finite) loss_since_log += loss, ++steps_since_log;
@@ -640,6 +644,10 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
                  .dump()
           << "\n";
     }
+  }
+  if (root) {
+    const std::string line = measured_memory_line(memory, "at the end");
+    if (!line.empty()) std::printf("%s\n", line.c_str());
   }
   if (root)
     std::printf("done in %s\n", human_duration(std::chrono::duration<double>(Clock::now() - t_start).count()).c_str());
