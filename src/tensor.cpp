@@ -6,6 +6,8 @@
 #include <sstream>
 #include <utility>
 
+#include "ranktune/memory_plan.h"
+
 #ifdef RANKTUNE_HAVE_CUDA
 #include <cuda_runtime.h>
 #endif
@@ -102,13 +104,14 @@ Buffer::Buffer(Device device, size_t bytes) : bytes_(bytes), device_(device) {
   cudaError_t err = cudaMalloc(&data_, bytes);
   if (err != cudaSuccess) {
     (void)cudaGetLastError();
-    size_t free_b = 0, total_b = 0;
-    cudaMemGetInfo(&free_b, &total_b);
     data_ = nullptr;
-    throw UserError("out of GPU memory: asked for " + std::to_string(bytes >> 20) + " MiB with " +
+    bytes_ = 0;
+    RT_ASSERT(err == cudaErrorMemoryAllocation, std::string("cudaMalloc: ") + cudaGetErrorString(err));
+    size_t free_b = 0, total_b = 0;
+    (void)cudaMemGetInfo(&free_b, &total_b);
+    throw UserError("out of GPU memory allocating " + std::to_string(bytes >> 20) + " MiB (" +
                     std::to_string(free_b >> 20) + " MiB free of " + std::to_string(total_b >> 20) +
-                    " MiB. Lower per_device_train_batch_size (raise gradient_accumulation_steps), "
-                    "set model.gradient_checkpointing: true, or model.load_in_4bit: true.");
+                    " MiB). " + out_of_memory_advice());
   }
   err = cudaMemset(data_, 0, bytes);
   RT_ASSERT(err == cudaSuccess, cudaGetErrorString(err));
