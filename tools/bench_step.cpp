@@ -17,7 +17,8 @@
 // Output: exactly one JSON line on stdout, in the form tools/hf_peer_baseline.py prints for the HF
 // peer (peer, mode, gpus, batch_per_gpu, seq, layers, grad_ckpt, params_total, params_trainable,
 // tokens_per_s, step_ms, peak_mem_gib, loss, gpu), plus model_flops_per_token (see
-// flops_per_token below), model_tflops_per_s, steps, warmup, profiled and, with --profile 1,
+// flops_per_token below), model_tflops_per_s, plan_mem_gib (the memory plan's total for the run,
+// src/memory_plan.cpp, to compare with peak_mem_gib), steps, warmup, profiled and, with --profile 1,
 // profile: {steps, step_ms, gpu_span_ms, ops_ms, ops: [{op, calls, ms, gflop}]} (per step).
 // gemm mode prints {peer, mode: "gemm", gemm_tflops (best shape), shapes: [...], gpu}.
 // Errors go to stderr; exit 2 for a usage error or a mode that is not available, 1 for a failure.
@@ -36,6 +37,7 @@
 
 #include "profiling_backend.h"
 #include "ranktune/backend.h"
+#include "ranktune/memory_plan.h"
 #include "ranktune/model.h"
 #include "ranktune/optimizer.h"
 
@@ -296,6 +298,8 @@ int run_training(const Args& args) {
   const double tokens_per_s = static_cast<double>(B * T * args.steps) / dt;
   const double step_ms = 1000 * dt / args.steps;
   const double fpt = flops_per_token(a, o.train_base, T);
+  PlanSettings plan;  // adamw on the GPU path, one rank
+  plan.load_in_4bit = args.mode == "qlora";
   nlohmann::json j = {{"peer", "ranktune"},
                       {"mode", args.mode},
                       {"gpus", args.ranks},
@@ -308,6 +312,7 @@ int run_training(const Args& args) {
                       {"tokens_per_s", static_cast<int64_t>(tokens_per_s)},
                       {"step_ms", step_ms},
                       {"peak_mem_gib", static_cast<double>(free_start - free_end) / (1 << 30)},
+                      {"plan_mem_gib", static_cast<double>(plan_memory(o, plan).total) / (1 << 30)},
                       {"loss", loss},
                       {"gpu", gpu_name()},
                       {"model_flops_per_token", fpt},
