@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "ranktune/backend.h"
+#include "ranktune/nf4.h"
 
 namespace ranktune {
 namespace {
@@ -742,6 +743,32 @@ class CpuBackend final : public Backend {
       for (int64_t c = 0; c < vocab; ++c) {
         const double prob = std::exp(static_cast<double>(l[c]) - lse);
         dl[c] = static_cast<float>(grad_scale * (prob - (c == target[n] ? 1.0 : 0.0)));
+      }
+    }
+  }
+
+  // ---- QLoRA ---------------------------------------------------------------------------------
+  // The same arithmetic as nf4_dequantize in src/nf4.cpp: block scale = nested_map[code] *
+  // nested_absmax + offset (two fp32 roundings), then code value * scale.
+  void nf4_dequantize(Tensor out, const Nf4Weight& w) override {
+    RT_ASSERT(out.dtype == DType::f32 && out.contiguous() && out.numel() == w.numel, "nf4_dequantize out");
+    const int64_t n_blocks = (w.numel + kNf4BlockSize - 1) / kNf4BlockSize;
+    const uint8_t* packed = w.packed.ptr<uint8_t>();
+    float* y = out.ptr<float>();
+#pragma omp parallel for
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      float scale;
+      if (!w.absmax_codes.empty()) {
+        volatile float product = w.nested_map.ptr<float>()[w.absmax_codes.ptr<uint8_t>()[b]] *
+                                 w.nested_absmax.ptr<float>()[b / kNf4NestedBlockSize];
+        scale = product + w.offset;
+      } else {
+        scale = w.absmax.ptr<float>()[b];
+      }
+      const int64_t end = std::min(w.numel, (b + 1) * kNf4BlockSize);
+      for (int64_t i = b * kNf4BlockSize; i < end; ++i) {
+        const uint8_t byte = packed[i / 2];
+        y[i] = kNf4Code[static_cast<size_t>(i % 2 == 0 ? byte >> 4 : byte & 15)] * scale;
       }
     }
   }

@@ -565,6 +565,20 @@ class CudaBackend final : public Backend {
   }
 
   // ---- optimizers ----------------------------------------------------------------------------
+  void nf4_dequantize(Tensor out, const Nf4Weight& w) override {
+    use_device();
+    check_contiguous(out, DType::bf16, w.numel, "nf4_dequantize out");
+    kernels::Nf4Weights k;
+    k.packed = w.packed.ptr<uint8_t>();
+    k.absmax_codes = data_or_null<uint8_t>(w.absmax_codes);
+    k.nested_absmax = data_or_null<float>(w.nested_absmax);
+    k.nested_map = data_or_null<float>(w.nested_map);
+    k.offset = w.offset;
+    k.absmax = data_or_null<float>(w.absmax);
+    k.numel = w.numel;
+    kernels::nf4_dequantize(out.ptr<bf16>(), k, stream());
+  }
+
   void adamw_step(Tensor master, Tensor compute, Tensor grad, Tensor m, Tensor v,
                   const AdamWParams& p) override {
     use_device();

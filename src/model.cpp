@@ -114,6 +114,12 @@ namespace {
 
 Tensor as_matrix(Tensor flat, int64_t rows, int64_t cols) { return flat.view({rows, cols}); }
 
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
 // Where each LoRA target sits in the fused projections.
 struct ModuleSite {
   const char* module;  // q_proj ...
@@ -177,9 +183,21 @@ struct LlamaModel::Stage {
   Backend* be = nullptr;
   Tensor positions, doc_ids, rope_cos, rope_sin;
   Tensor delta;  // a projection's output before its residual add
+  Tensor weight_scratch;  // QLoRA: the dequantized weight of the GEMM at hand
   // backward scratch
   Tensor dres, dln, dqkv, datt, dgu, dh, dxa, drop_scratch, lora_tmp;
 };
+
+// QLoRA: a linear weight's NF4 form, in host memory (for get_tensor and exports) and on its GPU.
+struct LlamaModel::QuantWeight {
+  Nf4Tensor host;
+  Buffer buf;
+  Nf4Weight dev;
+};
+
+namespace {
+bool is_layer_linear(const ParamSpec& p) { return p.layer >= 0 && !p.is_norm; }
+}  // namespace
 
 std::vector<int64_t> balance_stages(const ModelOptions& o, int n_stages, size_t act_bytes) {
   const LlamaArch& a = o.arch;
@@ -232,6 +250,7 @@ ModelOptions model_options_from(const RunConfig& cfg, const LlamaArch& arch, int
   o.lora_dropout = static_cast<float>(cfg.lora.lora_dropout);
   o.lora_targets = cfg.lora.target_modules;
   o.checkpointing = cfg.model.gradient_checkpointing;
+  o.load_in_4bit = cfg.model.load_in_4bit;
   o.max_batch = max_batch;
   o.max_seq = cfg.model.max_seq_length;
   return o;
@@ -269,27 +288,32 @@ void LlamaModel::build_params() {
   // Base model. Buckets: one per layer, plus one for the embedding / final norm / head.
   base_.specs = llama_param_layout(a);
   base_.numel = base_.specs.back().offset + base_.specs.back().numel;
-  if (stages_.size() == 1) {
+  quant_.resize(base_.specs.size());
+  if (stages_.size() == 1 && !opt_.load_in_4bit) {
     base_.compute_buf = be_.alloc(static_cast<size_t>(base_.numel) * dtype_size(act));
     base_.compute = base_.compute_buf.as(act, {base_.numel});
   } else {
-    RT_REQUIRE(!opt_.train_base,
+    RT_REQUIRE(!opt_.train_base || stages_.size() == 1,
                "model.device_map: auto spreads the frozen layers of a LoRA run over the GPUs; for full fine-tuning on "
                "several GPUs run one rank per GPU (mpirun -np N ... --set model.enable_multi_gpu=true) with "
                "distributed.zero_stage: 1");
     // Each layer's tensors on its stage's GPU, the embedding, final norm and head on the first.
+    // Under load_in_4bit the layers' linear weights are kept in NF4 only (set_nf4).
+    RT_REQUIRE(!opt_.load_in_4bit || !opt_.train_base,
+               "model.load_in_4bit freezes the base model in 4 bits: it needs lora.enabled: true (QLoRA)");
     std::vector<int64_t> stage_numel(stages_.size(), 0), at;
     for (const auto& p : base_.specs) {
       int64_t& n = stage_numel[static_cast<size_t>(p.layer >= 0 ? layer_stage_[static_cast<size_t>(p.layer)] : 0)];
       at.push_back(n);
-      n += p.numel;
+      if (!(opt_.load_in_4bit && is_layer_linear(p))) n += p.numel;
     }
     for (size_t st = 0; st < stages_.size(); ++st)
       base_.stage_bufs.push_back(stages_[st].be->alloc(static_cast<size_t>(stage_numel[st]) * dtype_size(act)));
     for (size_t i = 0; i < base_.specs.size(); ++i) {
       const ParamSpec& p = base_.specs[i];
       const Buffer& buf = base_.stage_bufs[static_cast<size_t>(p.layer >= 0 ? layer_stage_[static_cast<size_t>(p.layer)] : 0)];
-      base_.stage_views.push_back(buf.as(act, {p.numel}, static_cast<size_t>(at[i]) * dtype_size(act)));
+      if (opt_.load_in_4bit && is_layer_linear(p)) base_.stage_views.push_back(Tensor());
+      else base_.stage_views.push_back(buf.as(act, {p.numel}, static_cast<size_t>(at[i]) * dtype_size(act)));
     }
   }
   const int global_bucket = static_cast<int>(a.n_layers);
@@ -423,6 +447,8 @@ void LlamaModel::allocate_activations() {
                    {&st.drop_scratch, act, {opt_.lora_dropout > 0 ? N : 1, std::max({C, F, a.q_dim()})}},
                    {&st.lora_tmp, act, {opt_.lora_dropout > 0 ? N : 1, std::max({C, F, a.q_dim()})}}});
     st.dln = st.dln.view({N * std::max(C, a.q_dim())});
+    if (opt_.load_in_4bit)
+      carve(*st.be, {{&st.weight_scratch, act, {C * std::max({a.qkv_dim(), a.q_dim(), 2 * F, F})}}});
     st.be->upload(st.rope_cos, cosv.data());
     st.be->upload(st.rope_sin, sinv.data());
   }
@@ -512,9 +538,18 @@ Backend& LlamaModel::owner(const ParamGroup& g, const ParamSpec& p) {
   return &g == &base_ && p.layer >= 0 ? be(static_cast<int>(p.layer)) : be_;
 }
 
-Tensor LlamaModel::base_weight(int l, const std::string& suffix) const {
+Tensor LlamaModel::base_weight(int l, const std::string& suffix) {
   // The fused projections are views over adjacent tensors: q,k,v -> [qkv_dim, C]; gate,up -> [2F, C].
   const LlamaArch& a = opt_.arch;
+  const std::string layer = "model.layers." + std::to_string(l) + ".";
+  if (opt_.load_in_4bit && l >= 0 && suffix.find("norm") == std::string::npos) {
+    if (suffix == "self_attn.qkv")
+      return dequantized(l, {base_.find(layer + "self_attn.q_proj.weight"), base_.find(layer + "self_attn.k_proj.weight"),
+                             base_.find(layer + "self_attn.v_proj.weight")});
+    if (suffix == "mlp.gate_up")
+      return dequantized(l, {base_.find(layer + "mlp.gate_proj.weight"), base_.find(layer + "mlp.up_proj.weight")});
+    return dequantized(l, {base_.find(layer + suffix)});
+  }
   if (suffix == "self_attn.qkv" || suffix == "mlp.gate_up") {
     const bool qkv = suffix == "self_attn.qkv";
     const ParamSpec* first = base_.find("model.layers." + std::to_string(l) + (qkv ? ".self_attn.q_proj.weight" : ".mlp.gate_proj.weight"));
@@ -527,6 +562,21 @@ Tensor LlamaModel::base_weight(int l, const std::string& suffix) const {
   RT_ASSERT(p, "no parameter " + name);
   Tensor t = base_.compute_view(*p);
   return p->shape.size() == 2 ? as_matrix(t, p->shape[0], p->shape[1]) : t;
+}
+
+// QLoRA: the NF4 weights of `parts` (adjacent rows of one fused projection) dequantized, one after
+// the other, into the stage's scratch; the GEMM that follows on the same stream reads them.
+Tensor LlamaModel::dequantized(int l, const std::vector<const ParamSpec*>& parts) {
+  Stage& S = stage(l);
+  int64_t rows = 0, offset = 0;
+  for (const ParamSpec* p : parts) {
+    RT_ASSERT(p && quant_[static_cast<size_t>(p - base_.specs.data())], "no NF4 weight set for a layer linear");
+    be(l).nf4_dequantize(S.weight_scratch.flat_slice(offset, p->numel),
+                         quant_[static_cast<size_t>(p - base_.specs.data())]->dev);
+    offset += p->numel;
+    rows += p->shape[0];
+  }
+  return Tensor(S.weight_scratch.data, S.weight_scratch.dtype, S.weight_scratch.device, {rows, parts.front()->shape[1]});
 }
 
 int LlamaModel::base_slot(int l, const std::string& suffix) const {
@@ -576,6 +626,10 @@ void LlamaModel::set_tensor(const std::string& name, const std::vector<float>& v
   const ParamSpec& p = *g->find(name);
   RT_REQUIRE(static_cast<int64_t>(values.size()) == p.numel,
              "tensor " + name + ": expected " + std::to_string(p.numel) + " values, got " + std::to_string(values.size()));
+  if (g == &base_ && opt_.load_in_4bit && is_layer_linear(p)) {
+    set_nf4(name, nf4_quantize(values, p.shape));
+    return;
+  }
   Backend& b = owner(*g, p);
   if (!g->master.empty() && g->master.data != g->compute.data) b.upload(g->master_view(p), values.data());
   if (b.act_dtype() == DType::f32) {
@@ -587,7 +641,52 @@ void LlamaModel::set_tensor(const std::string& name, const std::vector<float>& v
   }
 }
 
+bool LlamaModel::quantized(const std::string& name) const {
+  const ParamSpec* p = base_.find(name);
+  return p && opt_.load_in_4bit && is_layer_linear(*p);
+}
+
+void LlamaModel::set_nf4(const std::string& name, const Nf4Tensor& weight) {
+  const ParamSpec* p = base_.find(name);
+  RT_REQUIRE(p && quantized(name), "set_nf4: " + name + " is not a linear weight of a model loaded in 4 bits");
+  RT_REQUIRE(weight.shape == p->shape, name + ": the NF4 weight has shape " + shape_string(weight.shape) +
+                                           ", the model expects " + shape_string(p->shape));
+  auto q = std::make_unique<QuantWeight>();
+  q->host = weight;
+  const Nf4Tensor& h = q->host;
+  const bool dq = h.double_quant;
+  // One buffer: packed codes, absmax codes, nested absmax, nested map (or fp32 absmax), 256-aligned.
+  const auto align = [](size_t n) { return (n + 255) / 256 * 256; };
+  const size_t packed = align(h.packed.size()), codes = dq ? align(h.absmax_codes.size()) : 0,
+               nested = dq ? align(h.nested_absmax.size() * 4) : 0, map = dq ? align(256 * 4) : 0,
+               absmax = dq ? 0 : align(h.absmax.size() * 4);
+  Backend& b = be(static_cast<int>(p->layer));
+  q->buf = b.alloc(packed + codes + nested + map + absmax);
+  Nf4Weight& d = q->dev;
+  d.numel = h.numel();
+  d.packed = q->buf.as(DType::u8, {static_cast<int64_t>(h.packed.size())});
+  b.upload(d.packed, h.packed.data());
+  if (dq) {
+    d.absmax_codes = q->buf.as(DType::u8, {static_cast<int64_t>(h.absmax_codes.size())}, packed);
+    d.nested_absmax = q->buf.as(DType::f32, {static_cast<int64_t>(h.nested_absmax.size())}, packed + codes);
+    d.nested_map = q->buf.as(DType::f32, {256}, packed + codes + nested);
+    d.offset = h.offset;
+    b.upload(d.absmax_codes, h.absmax_codes.data());
+    b.upload(d.nested_absmax, h.nested_absmax.data());
+    b.upload(d.nested_map, h.nested_quant_map.data());
+  } else {
+    d.absmax = q->buf.as(DType::f32, {static_cast<int64_t>(h.absmax.size())}, packed);
+    b.upload(d.absmax, h.absmax.data());
+  }
+  quant_[static_cast<size_t>(p - base_.specs.data())] = std::move(q);
+}
+
 std::vector<float> LlamaModel::get_tensor(const std::string& name) {
+  if (quantized(name)) {
+    const auto& q = quant_[static_cast<size_t>(base_.find(name) - base_.specs.data())];
+    RT_REQUIRE(q != nullptr, "tensor " + name + " was never set");
+    return nf4_dequantize(q->host);
+  }
   ParamGroup* g = base_.find(name) ? &base_ : (lora_.find(name) ? &lora_ : nullptr);
   RT_REQUIRE(g, "unknown tensor " + name);
   const ParamSpec& p = *g->find(name);

@@ -131,15 +131,22 @@ std::string human_duration(double s) {
   return buf;
 }
 
-double gpu_mem_gib(bool gpu) {
+// Device memory in use on the fullest of this rank's GPUs (0 on the CPU path).
+double gpu_mem_gib(const Placement& placement) {
+  double most = 0;
 #ifdef RANKTUNE_HAVE_CUDA
-  if (gpu) {
+  if (!placement.use_gpu) return 0.0;
+  int current = 0;
+  (void)cudaGetDevice(&current);
+  for (int d : placement.devices) {
     size_t free_b = 0, total_b = 0;
-    if (cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) return static_cast<double>(total_b - free_b) / (1 << 30);
+    if (cudaSetDevice(d) == cudaSuccess && cudaMemGetInfo(&free_b, &total_b) == cudaSuccess)
+      most = std::max(most, static_cast<double>(total_b - free_b) / (1 << 30));
   }
+  (void)cudaSetDevice(current);
 #endif
-  (void)gpu;
-  return 0.0;
+  (void)placement;
+  return most;
 }
 
 // Model FLOPs per trained token: 2 per matmul weight in forward, 2 more for input gradients, 2
@@ -168,7 +175,9 @@ bool zero_stage_1(const RunConfig& cfg, const LaunchInfo& li) {
 // Everything a command needs: backend on the placed device, tokenizer, model with weights.
 struct Session {
   Placement placement;
-  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Backend> backend;                    // the (first) GPU's, or the CPU's
+  std::vector<std::unique_ptr<Backend>> more_backends;  // device_map auto: the other GPUs'
+  std::string stages;                                   // device_map auto: which layers where
   std::unique_ptr<Tokenizer> tokenizer;
   LlamaArch arch;
   std::unique_ptr<LlamaModel> model;
@@ -185,7 +194,27 @@ Session open_session(const RunConfig& cfg, const LaunchInfo& li, int64_t max_bat
                  " ids but the model's vocab_size is " + std::to_string(s.arch.vocab_size));
   ModelOptions options = model_options_from(cfg, s.arch, max_batch);
   options.master_weights = !zero_stage_1(cfg, li);
-  s.model = std::make_unique<LlamaModel>(*s.backend, options);
+  if (s.placement.devices.size() > 1) {
+    // device_map auto: consecutive layers on each of this rank's GPUs.
+    enable_peer_access(s.placement.devices);
+    std::vector<Backend*> stage_backends{s.backend.get()};
+    for (size_t i = 1; i < s.placement.devices.size(); ++i) {
+      s.more_backends.push_back(make_cuda_backend(s.placement.devices[i]));
+      stage_backends.push_back(s.more_backends.back().get());
+    }
+    options.stage_layers =
+        balance_stages(options, static_cast<int>(stage_backends.size()), dtype_size(s.backend->act_dtype()));
+    int64_t first = 0;
+    for (size_t i = 0; i < stage_backends.size(); ++i) {
+      const int64_t last = first + options.stage_layers[i] - 1;
+      s.stages += (i ? ", " : "") + std::string("layers ") + std::to_string(first) + "-" + std::to_string(last) +
+                  (i == 0 ? " + embedding, head, adapters" : "") + " on cuda:" + std::to_string(s.placement.devices[i]);
+      first = last + 1;
+    }
+    s.model = std::make_unique<LlamaModel>(stage_backends, options);
+  } else {
+    s.model = std::make_unique<LlamaModel>(*s.backend, options);
+  }
   const uint64_t seed = static_cast<uint64_t>(cfg.training.seed);
   if (cfg.model.name_or_path.empty()) s.model->init_base_random(seed);
   else load_hf_weights(*s.model, cfg.model.name_or_path);
@@ -447,6 +476,7 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
                   li.world_size);
     if (li.world_size > 1)
       for (int r = 0; r < li.world_size; ++r) std::printf("  rank %d: %s\n", r, rank_devices[static_cast<size_t>(r)].c_str());
+    if (!s.stages.empty()) std::printf("device_map auto: %s\n", s.stages.c_str());
     if (!s.placement.unused_gpus_hint.empty()) std::printf("note: %s\n", s.placement.unused_gpus_hint.c_str());
     std::printf("model: %lld layers, hidden %lld, heads %lld/%lld kv, vocab %lld | parameters %.2fM, trainable %.3fM (%.2f%%)%s\n",
                 (long long)s.arch.n_layers, (long long)s.arch.hidden_size, (long long)s.arch.n_heads,
@@ -583,7 +613,7 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
       const double seqs = static_cast<double>(B * accum * li.world_size * (steps_since_log ? steps_since_log : 1));
       const double tok_s = dt > 0 ? seqs * static_cast<double>(T) / dt : 0.0;
       const double mfu = peak > 0 ? tok_s * fpt / (peak * li.world_size) : 0.0;
-      const double mem = gpu_mem_gib(s.placement.use_gpu);
+      const double mem = gpu_mem_gib(s.placement);
       const double eta = elapsed / static_cast<double>(step + 1) * static_cast<double>(total_steps - step - 1);
       const double mean_loss = steps_since_log ? loss_since_log / static_cast<double>(steps_since_log) : NAN;
       std::printf("%sstep %lld/%lld | loss %.4f | lr %.3g | grad_norm %.3f | %.0f tok/s | mfu %.1f%% | mem %.2f GiB | eta %s%s\n",

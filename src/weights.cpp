@@ -1,5 +1,7 @@
 #include "ranktune/weights.h"
 
+#include "ranktune/nf4.h"
+
 #include <filesystem>
 
 #include "ranktune/error.h"
@@ -23,6 +25,15 @@ LlamaArch resolve_arch(const RunConfig& cfg) {
 void load_hf_weights(LlamaModel& model, const std::string& model_dir) {
   HfCheckpoint ckpt(model_dir, "model");
   for (const auto& p : model.base().specs) {
+    // A bitsandbytes 4-bit checkpoint ("-bnb-4bit" repos): its NF4 weights load as they are under
+    // load_in_4bit, and are dequantized for a bf16 or fp32 model.
+    if (is_bnb_nf4(ckpt, p.name)) {
+      Nf4Tensor w = load_bnb_nf4(ckpt, p.name);
+      RT_REQUIRE(w.shape == p.shape, ckpt.source() + ": 4-bit tensor " + p.name + " has another shape than the model expects");
+      if (model.quantized(p.name)) model.set_nf4(p.name, w);
+      else model.set_tensor(p.name, nf4_dequantize(w));
+      continue;
+    }
     RT_REQUIRE(ckpt.contains(p.name), ckpt.source() + ": tensor " + p.name +
                                           " is missing (expected shape " + [&] {
                                             std::string s = "[";

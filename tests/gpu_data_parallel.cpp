@@ -86,3 +86,43 @@ void check_two_gpus_equal_one(bool lora) {
 
 TEST(GpuDataParallel, TwoGpusEqualOneGpuWithTwiceTheBatchLora) { check_two_gpus_equal_one(true); }
 TEST(GpuDataParallel, TwoGpusEqualOneGpuWithTwiceTheBatchFull) { check_two_gpus_equal_one(false); }
+
+// device_map: auto in one process: the layers spread over two GPUs train exactly what one GPU
+// trains (the same kernels on the same shapes; activations cross by exact peer copies).
+TEST(GpuDeviceMapAuto, TwoGpusInOneProcessEqualOneGpu) {
+  SKIP_WITHOUT_GPU();
+  int count = 0;
+  (void)cudaGetDeviceCount(&count);
+  if (count < 2) GTEST_SKIP() << "needs 2 GPUs, this machine has " << count;
+  const std::string dir = fresh_temp_dir("gpu_device_map_auto");
+  std::ofstream(dir + "/run.yaml")
+      << "model:\n"
+         "  architecture: {vocab_size: 512, hidden_size: 256, intermediate_size: 512, num_hidden_layers: 6,\n"
+         "                 num_attention_heads: 8, num_key_value_heads: 2, max_position_embeddings: 256,\n"
+         "                 tie_word_embeddings: true}\n"
+         "  tokenizer: byte\n"
+         "  max_seq_length: 64\n"
+         "lora: {enabled: true, r: 8, lora_alpha: 16, lora_dropout: 0.05}\n"
+         "data: {train_file: jobs/data/quickstart/train.jsonl, format: prompt_completion, packing: true}\n"
+         "training: {max_steps: 10, learning_rate: 2.0e-3, warmup_steps: 2, gradient_accumulation_steps: 2}\n"
+         "logging: {logging_steps: 1}\n";
+  const std::string bin = RANKTUNE_BINARY;
+  const CommandResult two = run_command(bin + " train " + dir + "/run.yaml --set model.device_map=auto" +
+                                            " --set training.output_dir=" + dir + "/auto",
+                                        1);
+  ASSERT_EQ(two.code, 0) << two.output;
+  EXPECT_NE(two.output.find("device_map auto: layers 0-"), std::string::npos) << two.output;
+  EXPECT_NE(two.output.find("on cuda:1"), std::string::npos) << two.output;
+  const CommandResult one = run_command(bin + " train " + dir + "/run.yaml --set model.device_map=cuda:0" +
+                                            " --set training.output_dir=" + dir + "/one",
+                                        1);
+  ASSERT_EQ(one.code, 0) << one.output;
+  const auto a = losses(dir + "/auto"), b = losses(dir + "/one");
+  ASSERT_EQ(a.size(), 10u);
+  ASSERT_EQ(b.size(), 10u);
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs(a[i] - b[i]) / std::fabs(b[i]));
+  std::printf("[device_map auto] 2 GPUs in one process vs 1 GPU: largest relative loss difference %.3e\n", worst);
+  EXPECT_LT(worst, 1e-5);
+  EXPECT_LT(b.back(), b.front());
+}

@@ -191,6 +191,10 @@ void ProfilingBackend::adamw_step(Tensor master, Tensor compute, Tensor grad, Te
                                   const AdamWParams& p) {
   timed("adamw", 0, [&] { inner_.adamw_step(master, compute, grad, m, v, p); });
 }
+void ProfilingBackend::nf4_dequantize(Tensor out, const Nf4Weight& w) {
+  timed("nf4 dequantize", 0, [&] { inner_.nf4_dequantize(out, w); });
+}
+
 void ProfilingBackend::adamw8bit_step(Tensor master, Tensor compute, Tensor grad, Tensor m_q, Tensor v_q,
                                       Tensor m_absmax, Tensor v_absmax, const AdamWParams& p) {
   timed("adamw 8-bit", 0, [&] { inner_.adamw8bit_step(master, compute, grad, m_q, v_q, m_absmax, v_absmax, p); });

@@ -62,6 +62,7 @@ class ProfilingBackend final : public Backend {
   std::string name() const override { return inner_.name(); }
   int device_index() const override { return inner_.device_index(); }
   void* native_stream() const override { return inner_.native_stream(); }
+  void wait_for(Backend& other) override { inner_.wait_for(other); }
   Buffer alloc(size_t bytes) override { return inner_.alloc(bytes); }
   void synchronize() override { inner_.synchronize(); }
 
@@ -92,6 +93,7 @@ class ProfilingBackend final : public Backend {
   void swiglu_backward(Tensor dgate, Tensor dup, Tensor dh, Tensor gate, Tensor up) override;
   void cross_entropy(Tensor losses, Tensor dlogits, Tensor logits, Tensor targets, float grad_scale) override;
   void adamw_step(Tensor master, Tensor compute, Tensor grad, Tensor m, Tensor v, const AdamWParams& p) override;
+  void nf4_dequantize(Tensor out, const Nf4Weight& w) override;
   void adamw8bit_step(Tensor master, Tensor compute, Tensor grad, Tensor m_q, Tensor v_q, Tensor m_absmax,
                       Tensor v_absmax, const AdamWParams& p) override;
 

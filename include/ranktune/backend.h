@@ -40,6 +40,18 @@ struct AdamWParams {
   float grad_scale = 1.f;    // multiplies the gradient first (clipping)
 };
 
+// A frozen linear weight quantized to NF4 (QLoRA), its arrays on the backend's device; the format
+// (bitsandbytes') is described in include/ranktune/nf4.h.
+struct Nf4Weight {
+  Tensor packed;         // u8 [ceil(numel/2)], element 2j in the high nibble of byte j
+  Tensor absmax_codes;   // u8 [n_blocks] (double quantization), or empty
+  Tensor nested_absmax;  // f32 [ceil(n_blocks/256)]
+  Tensor nested_map;     // f32 [256]
+  Tensor absmax;         // f32 [n_blocks] when not double-quantized
+  float offset = 0.f;
+  int64_t numel = 0;
+};
+
 // Block size of the 8-bit optimizer states (bitsandbytes' blockwise quantization).
 inline constexpr int64_t kAdam8BitBlock = 2048;
 
@@ -143,6 +155,11 @@ class Backend {
   // and 0 for ignored rows. logits and dlogits may not alias.
   virtual void cross_entropy(Tensor losses, Tensor dlogits, Tensor logits, Tensor targets,
                              float grad_scale) = 0;
+
+  // ---- QLoRA ---------------------------------------------------------------------------------
+  // out (act dtype, w.numel contiguous elements) = the NF4 weight dequantized; the model does this
+  // into a scratch buffer right before the weight's GEMM, so no bf16 copy of the base model exists.
+  virtual void nf4_dequantize(Tensor out, const Nf4Weight& w) = 0;
 
   // ---- optimizers (fused, one launch per tensor) ---------------------------------------------
   // master f32 is updated; compute (act dtype) receives the cast copy unless it aliases master.

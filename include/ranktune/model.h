@@ -22,6 +22,7 @@
 #include "ranktune/backend.h"
 #include "ranktune/config.h"
 #include "ranktune/llama.h"
+#include "ranktune/nf4.h"
 
 namespace ranktune {
 
@@ -101,6 +102,9 @@ struct ModelOptions {
   // fp32 master copies of the trainable weights on the GPU; off under ZeRO-1, where the optimizer
   // keeps the masters of its shard only.
   bool master_weights = true;
+  // QLoRA: the layers' linear weights (q,k,v,o,gate,up,down) frozen in NF4, dequantized into a
+  // scratch buffer right before each of their GEMMs.
+  bool load_in_4bit = false;
   // device_map auto: how many consecutive layers each backend (GPU) holds; empty = all on one.
   std::vector<int64_t> stage_layers;
 };
@@ -149,7 +153,11 @@ class LlamaModel {
   // PEFT's init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
   void init_lora(uint64_t seed);
   // Sets one tensor by its HF/PEFT name (base or LoRA) from fp32 host values; the master copy too.
+  // Under load_in_4bit a linear weight is quantized to NF4 here.
   void set_tensor(const std::string& name, const std::vector<float>& values);
+  // QLoRA: sets a linear weight from an already quantized NF4 tensor (a bitsandbytes checkpoint).
+  void set_nf4(const std::string& name, const Nf4Tensor& weight);
+  bool quantized(const std::string& name) const;
   std::vector<float> get_tensor(const std::string& name);  // the compute copy, as fp32
   std::vector<float> get_grad(const std::string& name);
   // After the optimizer: nothing to do on the CPU (master is the compute copy); on the GPU the
@@ -184,6 +192,7 @@ class LlamaModel {
   struct LayerActs;
   struct LinearPart;
   struct Stage;
+  struct QuantWeight;
   // Each layer's rotated keys and values of the sequences being generated, [batch, max_len,
   // kv_dim] act each, in one buffer; len positions of every sequence are filled.
   struct KvCache {
@@ -214,13 +223,15 @@ class LlamaModel {
   // before anything (a bucket's all-reduce, the optimizer) reads the gradient, which lives there.
   void write_grad(int l, const std::vector<int>& slots, const std::function<void(float beta)>& fn);
   Backend& owner(const ParamGroup& g, const ParamSpec& p);
-  Tensor base_weight(int l, const std::string& suffix) const;
+  Tensor base_weight(int l, const std::string& suffix);
+  Tensor dequantized(int l, const std::vector<const ParamSpec*>& parts);
   int base_slot(int l, const std::string& suffix) const;
 
   Backend& be_;  // the first stage's
   ModelOptions opt_;
   std::vector<Stage> stages_;
   std::vector<int> layer_stage_;
+  std::vector<std::unique_ptr<QuantWeight>> quant_;  // per base spec: its NF4 form, or null
   ParamGroup base_, lora_;
   GradLedger ledger_;
   std::vector<LayerActs> layer_acts_;
