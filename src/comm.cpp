@@ -175,6 +175,27 @@ void Communicator::barrier(const std::string& what) {
   wait_mpi(req);
 }
 
+// ---- data-parallel gradient reduction ----------------------------------------------------------
+
+GradReducer::GradReducer(Communicator& comm, ParamGroup& params, int n_layers, bool all_reduce)
+    : comm_(comm), grad_(params.grad), all_reduce_(all_reduce) {
+  runs_.resize(static_cast<size_t>(n_layers + 1));
+  for (const ParamSpec& p : params.specs) {
+    auto& runs = runs_[static_cast<size_t>(p.layer >= 0 ? p.layer : n_layers)];
+    if (!runs.empty() && runs.back().first + runs.back().second == p.offset) runs.back().second += p.numel;
+    else runs.push_back({p.offset, p.numel});
+  }
+}
+
+void GradReducer::reduce_bucket(int bucket) {
+  if (!all_reduce_) return;
+  for (const auto& [offset, n] : runs_[static_cast<size_t>(bucket)]) comm_.start_sum(grad_.flat_slice(offset, n));
+}
+
+void GradReducer::finish(int64_t step) {
+  comm_.finish_sums("the gradient all-reduce of step " + std::to_string(step));
+}
+
 // ---- MPI: the CPU path
 // ---------------------------------------------------------------------------
 

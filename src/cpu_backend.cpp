@@ -747,6 +747,15 @@ class CpuBackend final : public Backend {
     }
   }
 
+  // ---- offloaded checkpoints: plain copies ---------------------------------------------------------
+  int copy_to_host_async(Tensor host_dst, Tensor src) override {
+    RT_ASSERT(host_dst.nbytes() == src.nbytes() && host_dst.contiguous() && src.contiguous(), "copy_to_host_async");
+    std::memcpy(host_dst.data, src.data, src.nbytes());
+    return 0;
+  }
+  int copy_to_device_async(Tensor dst, Tensor host_src) override { return copy_to_host_async(dst, host_src); }
+  void wait_copy(int) override {}
+
   // ---- QLoRA ---------------------------------------------------------------------------------
   // The same arithmetic as nf4_dequantize in src/nf4.cpp: block scale = nested_map[code] *
   // nested_absmax + offset (two fp32 roundings), then code value * scale.

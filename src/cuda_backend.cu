@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <unordered_map>
 #include <vector>
+#include <array>
 
 #include "cuda_check.h"
 #include "kernels.h"
@@ -164,6 +165,7 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override {
     // Let queued work finish before its buffers and handles go.
     (void)cudaStreamSynchronize(stream_.get());
+    if (copy_stream_) (void)cudaStreamSynchronize(copy_stream_.get());
   }
 
   Device device() const override { return Device::cuda; }
@@ -565,6 +567,22 @@ class CudaBackend final : public Backend {
   }
 
   // ---- optimizers ----------------------------------------------------------------------------
+  // ---- offloaded checkpoints ---------------------------------------------------------------------
+  int copy_to_host_async(Tensor host_dst, Tensor src) override {
+    use_device();
+    RT_ASSERT(host_dst.nbytes() == src.nbytes() && host_dst.contiguous() && src.contiguous(), "copy_to_host_async");
+    return copy_async(host_dst.data, src.data, src.nbytes());
+  }
+  int copy_to_device_async(Tensor dst, Tensor host_src) override {
+    use_device();
+    RT_ASSERT(dst.nbytes() == host_src.nbytes() && dst.contiguous() && host_src.contiguous(), "copy_to_device_async");
+    return copy_async(dst.data, host_src.data, dst.nbytes());
+  }
+  void wait_copy(int ticket) override {
+    use_device();
+    cudaCheck(cudaStreamWaitEvent(stream(), copy_events_[static_cast<size_t>(ticket)].get(), 0));
+  }
+
   void nf4_dequantize(Tensor out, const Nf4Weight& w) override {
     use_device();
     check_contiguous(out, DType::bf16, w.numel, "nf4_dequantize out");
@@ -612,6 +630,29 @@ class CudaBackend final : public Backend {
 
  private:
   cudaStream_t stream() const { return stream_.get(); }
+
+  // The copy stream starts after the compute stream's queued work; its copy is ticket k, an event
+  // of a ring (a ticket is waited for within a few layers, long before the ring comes round).
+  int copy_async(void* dst, const void* src, size_t bytes) {
+    if (!copy_stream_) {
+      cudaStream_t s = nullptr;
+      cudaCheck(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+      copy_stream_.reset(s);
+      for (auto& e : copy_events_) {
+        cudaEvent_t ev = nullptr;
+        cudaCheck(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+        e.reset(ev);
+      }
+    }
+    const int ticket = next_ticket_;
+    next_ticket_ = (next_ticket_ + 1) % static_cast<int>(copy_events_.size());
+    cudaEvent_t ev = copy_events_[static_cast<size_t>(ticket)].get();
+    cudaCheck(cudaEventRecord(ev, stream()));
+    cudaCheck(cudaStreamWaitEvent(copy_stream_.get(), ev, 0));
+    cudaCheck(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, copy_stream_.get()));
+    cudaCheck(cudaEventRecord(ev, copy_stream_.get()));
+    return ticket;
+  }
   // Several backends (device_map auto) share the host thread: each op makes its GPU current.
   void use_device() const {
     int current = -1;
@@ -745,6 +786,9 @@ class CudaBackend final : public Backend {
   // Declared before the buffers so that it is destroyed after them.
   Stream stream_;
   Event cross_event_;  // wait_for(): a point on another backend's stream
+  Stream copy_stream_;  // offloaded checkpoints, created on first use
+  std::array<Event, 256> copy_events_;
+  int next_ticket_ = 0;
   LtHandle lt_;
   BlasHandle blas_;
   Buffer gemm_workspace_;

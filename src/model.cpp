@@ -453,9 +453,24 @@ void LlamaModel::allocate_activations() {
     st.be->upload(st.rope_sin, sinv.data());
   }
 
-  // Layer inputs are the checkpoints: kept for every layer, on its stage.
+  // Layer inputs are the checkpoints: kept for every layer, on its stage -- or, offloaded, in pinned
+  // host memory, with two device slots taking turns.
   layer_inputs_.resize(static_cast<size_t>(a.n_layers));
-  for (size_t st = 0; st < stages_.size(); ++st) {
+  if (opt_.checkpointing == Checkpointing::offload) {
+    RT_REQUIRE(stages_.size() == 1, "model.gradient_checkpointing: offload works on one GPU per rank; with "
+                                    "device_map: auto use gradient_checkpointing: true");
+    Tensor slots[2];
+    carve(be_, {{&slots[0], act, {N, C}}, {&slots[1], act, {N, C}}});
+    const size_t per_layer = static_cast<size_t>(N * C) * dtype_size(act);
+    host_inputs_buf_ = be_.device() == Device::cuda ? Buffer::pinned_host(per_layer * static_cast<size_t>(a.n_layers))
+                                                    : Buffer(Device::cpu, per_layer * static_cast<size_t>(a.n_layers));
+    for (int l = 0; l < a.n_layers; ++l) {
+      layer_inputs_[static_cast<size_t>(l)] = slots[l % 2];
+      host_inputs_.push_back(host_inputs_buf_.as(act, {N, C}, per_layer * static_cast<size_t>(l)));
+    }
+    to_host_ticket_.assign(static_cast<size_t>(a.n_layers), 0);
+  }
+  for (size_t st = 0; st < stages_.size() && host_inputs_.empty(); ++st) {
     std::vector<Want> wants;
     for (int l = 0; l < a.n_layers; ++l)
       if (layer_stage_[static_cast<size_t>(l)] == static_cast<int>(st))
@@ -828,11 +843,22 @@ void LlamaModel::forward(const ModelInputs& in, bool training, uint64_t dropout_
   be_.embedding_forward(layer_inputs_[0].row_slice(0, N_), tokens_.flat_slice(0, N_),
                         base_weight(-1, "model.embed_tokens.weight"));
   const int last = static_cast<int>(opt_.arch.n_layers) - 1;
+  const bool offload = training && !host_inputs_.empty();
   for (int l = 0; l <= last; ++l) {
     // A stage starts when the previous one has written its first layer's input.
     if (l > 0 && layer_stage_[static_cast<size_t>(l)] != layer_stage_[static_cast<size_t>(l - 1)]) be(l).wait_for(be(l - 1));
+    if (offload) {
+      // Layer l's input is complete: off to the host while the layer runs. The layer ends by writing
+      // layer l+1's input into the slot that held layer l-1's, whose copy must be done by then.
+      to_host_ticket_[static_cast<size_t>(l)] =
+          be_.copy_to_host_async(host_inputs_[static_cast<size_t>(l)].row_slice(0, N_),
+                                 layer_inputs_[static_cast<size_t>(l)].row_slice(0, N_));
+      if (l >= 1 && l < last) be_.wait_copy(to_host_ticket_[static_cast<size_t>(l - 1)]);
+    }
     layer_forward(l, /*recompute=*/false, dropout_seed);
   }
+  slot_holds_[last % 2] = last;
+  slot_holds_[(last + 1) % 2] = last >= 1 ? last - 1 : -1;
   be_.wait_for(be(last));  // the head reads the last stage's output
 }
 
@@ -1088,11 +1114,29 @@ double LlamaModel::forward_backward(const ModelInputs& in, float grad_scale, uin
   }
   // Backward through the stages in reverse: each takes the residual gradient from the one after it.
   const int last = static_cast<int>(a.n_layers) - 1;
+  int fetch_ticket = -1;
   for (int l = last; l >= 0; --l) {
     const int from = l == last ? -1 : l + 1;  // the final norm's gradient is on the first stage
     if (&stage(l) != &stage(from)) {
       be(l).wait_for(be(from));
       be(l).copy(stage(l).dres.row_slice(0, N), stage(from).dres.row_slice(0, N));
+    }
+    if (!host_inputs_.empty()) {
+      // Offloaded: this layer's input was fetched during the previous layer's backward; fetch the
+      // next one into the other slot while this layer runs (the work queued so far has finished
+      // with that slot).
+      if (slot_holds_[l % 2] != l) {
+        fetch_ticket = be_.copy_to_device_async(layer_inputs_[static_cast<size_t>(l)].row_slice(0, N),
+                                                host_inputs_[static_cast<size_t>(l)].row_slice(0, N));
+        slot_holds_[l % 2] = l;
+      }
+      if (fetch_ticket >= 0) be_.wait_copy(fetch_ticket);
+      fetch_ticket = -1;
+      if (l >= 1 && slot_holds_[(l - 1) % 2] != l - 1) {
+        fetch_ticket = be_.copy_to_device_async(layer_inputs_[static_cast<size_t>(l - 1)].row_slice(0, N),
+                                                host_inputs_[static_cast<size_t>(l - 1)].row_slice(0, N));
+        slot_holds_[(l - 1) % 2] = l - 1;
+      }
     }
     layer_backward(l, dropout_seed);
   }

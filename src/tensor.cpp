@@ -120,10 +120,35 @@ Buffer::Buffer(Device device, size_t bytes) : bytes_(bytes), device_(device) {
 #endif
 }
 
+Buffer Buffer::pinned_host(size_t bytes) {
+  Buffer b;
+  b.device_ = Device::cpu;
+  if (bytes == 0) return b;
+#ifdef RANKTUNE_HAVE_CUDA
+  const cudaError_t err = cudaMallocHost(&b.data_, bytes);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    b.data_ = nullptr;
+    throw UserError("cannot pin " + std::to_string(bytes >> 20) +
+                    " MiB of host memory for offloaded checkpoints (" + cudaGetErrorString(err) +
+                    "): use model.gradient_checkpointing: true instead of offload");
+  }
+  b.bytes_ = bytes;
+  b.pinned_ = true;
+  std::memset(b.data_, 0, bytes);
+  return b;
+#else
+  return Buffer(Device::cpu, bytes);
+#endif
+}
+
 Buffer::~Buffer() { release(); }
 
 Buffer::Buffer(Buffer&& o) noexcept
-    : data_(std::exchange(o.data_, nullptr)), bytes_(std::exchange(o.bytes_, 0)), device_(o.device_) {}
+    : data_(std::exchange(o.data_, nullptr)),
+      bytes_(std::exchange(o.bytes_, 0)),
+      device_(o.device_),
+      pinned_(std::exchange(o.pinned_, false)) {}
 
 Buffer& Buffer::operator=(Buffer&& o) noexcept {
   if (this != &o) {
@@ -131,13 +156,18 @@ Buffer& Buffer::operator=(Buffer&& o) noexcept {
     data_ = std::exchange(o.data_, nullptr);
     bytes_ = std::exchange(o.bytes_, 0);
     device_ = o.device_;
+    pinned_ = std::exchange(o.pinned_, false);
   }
   return *this;
 }
 
 void Buffer::release() {
   if (!data_) return;
-  if (device_ == Device::cpu) {
+  if (pinned_) {
+#ifdef RANKTUNE_HAVE_CUDA
+    cudaFreeHost(data_);
+#endif
+  } else if (device_ == Device::cpu) {
     std::free(data_);
   } else {
 #ifdef RANKTUNE_HAVE_CUDA

@@ -79,34 +79,6 @@ std::string prepared_data(const RunConfig& cfg, const Tokenizer& tok, const Laun
   return out;
 }
 
-// Gradient reduction over ranks through the communicator (MPI on the CPU path, NCCL on the GPU):
-// a bucket -- a layer's tensors, or the embedding, final norm and head -- is summed as soon as the
-// ledger reports it ready (during the last micro-batch's backward, in backward order), as the runs
-// of adjacent tensors it holds; finish() waits for every sum before the gradients are read.
-class GradReducer {
- public:
-  GradReducer(Communicator& comm, ParamGroup& params, int n_layers, bool all_reduce)
-      : comm_(comm), grad_(params.grad), all_reduce_(all_reduce) {
-    runs_.resize(static_cast<size_t>(n_layers + 1));
-    for (const ParamSpec& p : params.specs) {
-      auto& runs = runs_[static_cast<size_t>(p.layer >= 0 ? p.layer : n_layers)];
-      if (!runs.empty() && runs.back().first + runs.back().second == p.offset) runs.back().second += p.numel;
-      else runs.push_back({p.offset, p.numel});
-    }
-  }
-  void reduce_bucket(int bucket) {
-    if (!all_reduce_) return;
-    for (const auto& [offset, n] : runs_[static_cast<size_t>(bucket)]) comm_.start_sum(grad_.flat_slice(offset, n));
-  }
-  void finish(int64_t step) { comm_.finish_sums("the gradient all-reduce of step " + std::to_string(step)); }
-
- private:
-  Communicator& comm_;
-  Tensor grad_;
-  bool all_reduce_;
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> runs_;  // per bucket: (offset, numel) runs
-};
-
 // Every rank's string, in rank order, on rank 0 (empty elsewhere).
 std::vector<std::string> gather_to_root(const std::string& mine, const LaunchInfo& li) {
   const int len = static_cast<int>(mine.size());

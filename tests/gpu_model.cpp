@@ -1,5 +1,5 @@
 // The GPU path against HF (fixtures) and against itself: bf16 tolerances, and checkpointing
-// bitwise identical to no checkpointing.
+// (recompute, and offloaded to host memory) bitwise identical to no checkpointing.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -47,10 +47,15 @@ TEST_P(GpuHfParity, CheckpointingIsBitwiseIdentical) {
   auto be = make_cuda_backend(0);
   auto on = build_model(*be, c, Checkpointing::on);
   auto off = build_model(*be, c, Checkpointing::off);
-  EXPECT_EQ(train_step(*on, c), train_step(*off, c));
+  // Offloaded: layer inputs copied to pinned host memory and back on the copy stream.
+  auto offload = build_model(*be, c, Checkpointing::offload);
+  const double loss_off = train_step(*off, c);
+  EXPECT_EQ(train_step(*on, c), loss_off);
+  EXPECT_EQ(train_step(*offload, c), loss_off);
   for (const auto& p : on->trainable().specs) {
-    std::vector<float> a = on->get_grad(p.name), b = off->get_grad(p.name);
+    std::vector<float> a = on->get_grad(p.name), b = off->get_grad(p.name), o = offload->get_grad(p.name);
     ASSERT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * 4)) << p.name;
+    ASSERT_EQ(0, std::memcmp(o.data(), b.data(), o.size() * 4)) << p.name << " (offload)";
   }
 }
 

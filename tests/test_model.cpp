@@ -145,21 +145,29 @@ TEST(Model, FullGradientsMatchFiniteDifferences) {
   finite_difference_check(false, false, {"lm_head.weight", "model.embed_tokens.weight"});
 }
 
+// Recompute (on) and offloaded recompute (layer inputs in host memory, two device slots) give
+// bitwise the gradients of keeping everything (off), over two steps of three layers.
 TEST(Model, CheckpointingIsBitwiseIdentical) {
-  for (bool lora : {true, false}) {
-    auto backend = make_cpu_backend();
-    LlamaModel off(*backend, options(lora, Checkpointing::off));
-    LlamaModel on(*backend, options(lora, Checkpointing::on));
-    randomize(off, 4);
-    randomize(on, 4);
-    Data d = make_data(9);
-    const double l_off = step(off, d), l_on = step(on, d);
-    EXPECT_EQ(l_off, l_on);
-    for (const auto& p : off.trainable().specs) {
-      std::vector<float> a = off.get_grad(p.name), b = on.get_grad(p.name);
-      ASSERT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * 4)) << p.name << (lora ? " (lora)" : " (full)");
+  for (bool lora : {true, false})
+    for (Checkpointing mode : {Checkpointing::on, Checkpointing::offload}) {
+      auto backend = make_cpu_backend();
+      ModelOptions o_off = options(lora, Checkpointing::off), o_ckpt = options(lora, mode);
+      o_off.arch.n_layers = o_ckpt.arch.n_layers = 3;
+      LlamaModel off(*backend, o_off);
+      LlamaModel ckpt(*backend, o_ckpt);
+      randomize(off, 4);
+      randomize(ckpt, 4);
+      for (uint32_t seed : {9u, 10u}) {
+        Data d = make_data(seed);
+        const double l_off = step(off, d), l_ckpt = step(ckpt, d);
+        EXPECT_EQ(l_off, l_ckpt);
+        for (const auto& p : off.trainable().specs) {
+          std::vector<float> a = off.get_grad(p.name), b = ckpt.get_grad(p.name);
+          ASSERT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * 4))
+              << p.name << (lora ? " (lora" : " (full") << (mode == Checkpointing::on ? ", recompute)" : ", offload)");
+        }
+      }
     }
-  }
 }
 
 TEST(Model, AccumulationOverMicroBatchesMatchesOneBatch) {

@@ -2,16 +2,16 @@
 // backward and optimizer, timed over several steps after warm-up; and the bf16 GEMM rate of our
 // cuBLASLt path, the denominator of MFU. tools/benchmark.py runs it next to the HF peer.
 //
-// Usage: ranktune_bench_step MODE [--gc 0|1] [--steps N] [--warmup N] [--batch B] [--seq T]
+// Usage: ranktune_bench_step MODE [--gc 0|1|2] [--steps N] [--warmup N] [--batch B] [--seq T]
 //                                 [--layers L] [--profile 0|1] [--ranks N] [--iters N]
 //   MODE: lora   LoRA r=16 on all seven projections
 //         full   full fine-tuning
-//         qlora  LoRA over NF4 base weights (not built yet: exits 2 saying so)
+//         qlora  LoRA over NF4 base weights (load_in_4bit)
 //         gemm   bf16 GEMM TFLOP/s through Backend::matmul on large shapes (--iters per shape)
 //   --profile 1  time every backend op with CUDA events (tools/profiling_backend.h); the op table
 //                goes to stderr and into the JSON line's "profile" field. Profiled steps run slower
 //                (two event records per op), so take throughput from an unprofiled run.
-//   --ranks N    data-parallel ranks under mpirun (only 1 today: exits 2 otherwise); with N > 1,
+//   --ranks N    data-parallel ranks under mpirun (one GPU each, NCCL as in training); with N > 1,
 //                rank 0 prints the line, with gpus = N and tokens_per_s counting all ranks' tokens
 //
 // Output: exactly one JSON line on stdout, in the form tools/hf_peer_baseline.py prints for the HF
@@ -23,6 +23,7 @@
 // gemm mode prints {peer, mode: "gemm", gemm_tflops (best shape), shapes: [...], gpu}.
 // Errors go to stderr; exit 2 for a usage error or a mode that is not available, 1 for a failure.
 #include <cuda_runtime.h>
+#include <mpi.h>
 
 #include <algorithm>
 #include <chrono>
@@ -30,13 +31,13 @@
 #include <cstdlib>
 #include <exception>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
 #include "profiling_backend.h"
 #include "ranktune/backend.h"
+#include "ranktune/comm.h"
 #include "ranktune/memory_plan.h"
 #include "ranktune/model.h"
 #include "ranktune/optimizer.h"
@@ -46,16 +47,11 @@ using namespace ranktune;
 namespace {
 
 constexpr const char* kUsage =
-    "usage: ranktune_bench_step lora|full|qlora|gemm [--gc 0|1] [--steps N] [--warmup N] [--batch B]\n"
+    "usage: ranktune_bench_step lora|full|qlora|gemm [--gc 0|1|2 (2 = offload)] [--steps N] [--warmup N] [--batch B]\n"
     "                           [--seq T] [--layers L] [--profile 0|1] [--ranks N] [--iters N]\n";
 
 [[noreturn]] void usage_error(const std::string& msg) {
   std::fprintf(stderr, "ranktune_bench_step: %s\n%s", msg.c_str(), kUsage);
-  std::exit(2);
-}
-
-[[noreturn]] void not_available(const std::string& msg) {
-  std::fprintf(stderr, "ranktune_bench_step: not available: %s\n", msg.c_str());
   std::exit(2);
 }
 
@@ -77,16 +73,26 @@ Args parse_args(int argc, char** argv) {
     char* end = nullptr;
     const long v = std::strtol(argv[i + 1], &end, 10);
     if (*argv[i + 1] == '\0' || *end != '\0') usage_error(key + ": '" + argv[i + 1] + "' is not an integer");
-    if (key == "--gc") a.gc = static_cast<int>(v);
-    else if (key == "--steps") a.steps = static_cast<int>(v);
-    else if (key == "--warmup") a.warmup = static_cast<int>(v);
-    else if (key == "--batch") a.batch = v;
-    else if (key == "--seq") a.seq = v;
-    else if (key == "--layers") a.layers = v;
-    else if (key == "--profile") a.profile = static_cast<int>(v);
-    else if (key == "--ranks") a.ranks = static_cast<int>(v);
-    else if (key == "--iters") a.iters = static_cast<int>(v);
-    else usage_error("unknown option '" + key + "'");
+    if (key == "--gc")
+      a.gc = static_cast<int>(v);
+    else if (key == "--steps")
+      a.steps = static_cast<int>(v);
+    else if (key == "--warmup")
+      a.warmup = static_cast<int>(v);
+    else if (key == "--batch")
+      a.batch = v;
+    else if (key == "--seq")
+      a.seq = v;
+    else if (key == "--layers")
+      a.layers = v;
+    else if (key == "--profile")
+      a.profile = static_cast<int>(v);
+    else if (key == "--ranks")
+      a.ranks = static_cast<int>(v);
+    else if (key == "--iters")
+      a.iters = static_cast<int>(v);
+    else
+      usage_error("unknown option '" + key + "'");
   }
   if (a.steps < 1 || a.warmup < 0 || a.batch < 1 || a.seq < 2 || a.layers < 1 || a.iters < 1 || a.ranks < 1)
     usage_error("--steps, --batch, --layers, --iters, --ranks must be >= 1, --seq >= 2, --warmup >= 0");
@@ -125,8 +131,8 @@ LlamaArch llama_3_2_1b(int64_t layers) {
 // and backward). Recompute under checkpointing is not counted, as MFU conventionally does not.
 double flops_per_token(const LlamaArch& a, bool full, int64_t seq) {
   const double VC = static_cast<double>(a.vocab_size * a.hidden_size);
-  const double layers = static_cast<double>(a.n_params()) - VC * (a.tie_word_embeddings ? 1 : 2) -
-                        static_cast<double>(a.hidden_size);
+  const double layers =
+      static_cast<double>(a.n_params()) - VC * (a.tie_word_embeddings ? 1 : 2) - static_cast<double>(a.hidden_size);
   const double per_weight = full ? 6.0 : 4.0;
   const double attn = 6.0 * static_cast<double>(a.n_layers * seq * a.n_heads * a.head_dim);
   return per_weight * (layers + VC) + attn;
@@ -185,8 +191,8 @@ int run_gemm_probe(const Args& args) {
     float total_ms = 0;
     BENCH_CUDA_CHECK(cudaEventElapsedTime(&total_ms, start, stop));
     const double ms = total_ms / args.iters;
-    const double tflops = 2.0 * static_cast<double>(s.m) * static_cast<double>(s.n) * static_cast<double>(s.k) /
-                          (ms * 1e-3) / 1e12;
+    const double tflops =
+        2.0 * static_cast<double>(s.m) * static_cast<double>(s.n) * static_cast<double>(s.k) / (ms * 1e-3) / 1e12;
     rows.push_back({{"name", s.name}, {"m", s.m}, {"n", s.n}, {"k", s.k}, {"ms", ms}, {"tflops", tflops}});
     std::fprintf(stderr, "gemm %-40s %8.3f ms %7.1f TFLOP/s\n", s.name, ms, tflops);
     if (tflops > best) {
@@ -196,9 +202,8 @@ int run_gemm_probe(const Args& args) {
   }
   BENCH_CUDA_CHECK(cudaEventDestroy(start));
   BENCH_CUDA_CHECK(cudaEventDestroy(stop));
-  nlohmann::json j = {{"peer", "ranktune"}, {"mode", "gemm"},       {"gemm_tflops", best},
-                      {"gemm_shape", best_name}, {"iters", args.iters}, {"shapes", rows},
-                      {"gpu", gpu_name()}};
+  nlohmann::json j = {{"peer", "ranktune"},  {"mode", "gemm"}, {"gemm_tflops", best}, {"gemm_shape", best_name},
+                      {"iters", args.iters}, {"shapes", rows}, {"gpu", gpu_name()}};
   std::printf("%s\n", j.dump().c_str());
   return 0;
 }
@@ -210,8 +215,11 @@ nlohmann::json profile_json(const bench::ProfilingBackend& prof, double step_ms)
     ops.push_back({{"op", r.op}, {"calls", r.calls}, {"ms", r.ms}, {"gflop", r.gflop}});
     ops_ms += r.ms;
   }
-  return {{"steps", prof.steps()}, {"step_ms", step_ms}, {"gpu_span_ms", prof.gpu_span_ms()},
-          {"ops_ms", ops_ms},      {"ops", ops}};
+  return {{"steps", prof.steps()},
+          {"step_ms", step_ms},
+          {"gpu_span_ms", prof.gpu_span_ms()},
+          {"ops_ms", ops_ms},
+          {"ops", ops}};
 }
 
 void print_profile(const nlohmann::json& p) {
@@ -227,10 +235,10 @@ void print_profile(const nlohmann::json& p) {
   }
   const double ops_ms = p["ops_ms"].get<double>(), span = p["gpu_span_ms"].get<double>();
   std::fprintf(stderr, "%-40s %8s %10.3f %6.1f%%\n", "sum of ops", "", ops_ms, 100 * ops_ms / step_ms);
-  std::fprintf(stderr, "%-40s %8s %10.3f %6.1f%%\n", "GPU idle between ops (host-bound gaps)", "",
-               span - ops_ms, 100 * (span - ops_ms) / step_ms);
-  std::fprintf(stderr, "%-40s %8s %10.3f %6.1f%%\n", "outside the ops' span (host, sync)", "",
-               step_ms - span, 100 * (step_ms - span) / step_ms);
+  std::fprintf(stderr, "%-40s %8s %10.3f %6.1f%%\n", "GPU idle between ops (host-bound gaps)", "", span - ops_ms,
+               100 * (span - ops_ms) / step_ms);
+  std::fprintf(stderr, "%-40s %8s %10.3f %6.1f%%\n", "outside the ops' span (host, sync)", "", step_ms - span,
+               100 * (step_ms - span) / step_ms);
   std::fprintf(stderr, "%-40s %8s %10.3f\n", "step wall time (profiled)", "", step_ms);
 }
 
@@ -239,12 +247,13 @@ int run_training(const Args& args) {
   const int64_t B = args.batch, T = args.seq;
   ModelOptions o;
   o.arch = a;
-  o.lora = args.mode == "lora";
+  o.lora = args.mode == "lora" || args.mode == "qlora";
   o.train_base = args.mode == "full";
+  o.load_in_4bit = args.mode == "qlora";
   o.lora_r = 16;
   o.lora_scaling = 1.0f;
   o.lora_targets = lora_module_names();
-  o.checkpointing = args.gc ? Checkpointing::on : Checkpointing::off;
+  o.checkpointing = args.gc == 2 ? Checkpointing::offload : args.gc ? Checkpointing::on : Checkpointing::off;
   o.max_batch = B;
   o.max_seq = T;
   // Memory is counted from after context creation, like torch.cuda.max_memory_allocated; ranktune
@@ -252,7 +261,10 @@ int run_training(const Args& args) {
   BENCH_CUDA_CHECK(cudaFree(nullptr));
   size_t free_start = 0, free_end = 0, total = 0;
   BENCH_CUDA_CHECK(cudaMemGetInfo(&free_start, &total));
-  std::unique_ptr<Backend> cuda = make_cuda_backend(0);
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+  std::unique_ptr<Backend> cuda = make_cuda_backend(local ? std::atoi(local) : 0);
   std::unique_ptr<bench::ProfilingBackend> prof;
   if (args.profile) prof = std::make_unique<bench::ProfilingBackend>(*cuda, a.vocab_size, o.lora ? o.lora_r : 0);
   Backend& be = prof ? static_cast<Backend&>(*prof) : *cuda;
@@ -265,6 +277,11 @@ int run_training(const Args& args) {
   tc.adam_beta2 = 0.999;
   tc.adam_epsilon = 1e-8;
   Optimizer opt(be, model.trainable(), tc);
+  // Data parallel as in training: bucket all-reduces overlapped with backward (src/comm.cpp).
+  std::unique_ptr<Communicator> comm = make_communicator(be, 600);
+  GradReducer reducer(*comm, model.trainable(), static_cast<int>(a.n_layers));
+  model.ledger().on_bucket_ready = [&](int bucket) { reducer.reduce_bucket(bucket); };
+  int64_t step_no = 0;
   std::vector<int32_t> tokens(static_cast<size_t>(B * T)), targets(tokens.size()), positions(tokens.size());
   uint64_t state = 1234;
   for (size_t i = 0; i < tokens.size(); ++i) {
@@ -272,8 +289,7 @@ int run_training(const Args& args) {
     tokens[i] = static_cast<int32_t>((state >> 33) % static_cast<uint64_t>(a.vocab_size));
     positions[i] = static_cast<int32_t>(static_cast<int64_t>(i) % T);
   }
-  for (size_t i = 0; i < tokens.size(); ++i)
-    targets[i] = (static_cast<int64_t>(i) % T == T - 1) ? -100 : tokens[i + 1];
+  for (size_t i = 0; i < tokens.size(); ++i) targets[i] = (static_cast<int64_t>(i) % T == T - 1) ? -100 : tokens[i + 1];
   ModelInputs in{B, T, tokens.data(), targets.data(), positions.data(), nullptr};
   double loss = 0;
   auto step = [&] {
@@ -282,6 +298,7 @@ int run_training(const Args& args) {
     loss = model.forward_backward(in, 1.0f / static_cast<float>(B * (T - 1)), 0) / static_cast<double>(B * (T - 1));
     model.ledger().end_micro();
     model.ledger().end_step();
+    reducer.finish(++step_no);
     opt.step(2e-4, 1.0f);
   };
   for (int i = 0; i < args.warmup; ++i) step();
@@ -295,11 +312,13 @@ int run_training(const Args& args) {
   be.synchronize();
   const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   BENCH_CUDA_CHECK(cudaMemGetInfo(&free_end, &total));
-  const double tokens_per_s = static_cast<double>(B * T * args.steps) / dt;
+  comm->barrier("the end of the benchmark");
+  const double tokens_per_s = static_cast<double>(B * T * args.steps) * args.ranks / dt;
   const double step_ms = 1000 * dt / args.steps;
   const double fpt = flops_per_token(a, o.train_base, T);
-  PlanSettings plan;  // adamw on the GPU path, one rank
+  PlanSettings plan;  // adamw on the GPU path
   plan.load_in_4bit = args.mode == "qlora";
+  plan.world_size = args.ranks;
   nlohmann::json j = {{"peer", "ranktune"},
                       {"mode", args.mode},
                       {"gpus", args.ranks},
@@ -324,7 +343,7 @@ int run_training(const Args& args) {
     j["profile"] = profile_json(*prof, step_ms);
     print_profile(j["profile"]);
   }
-  std::printf("%s\n", j.dump().c_str());
+  if (rank == 0) std::printf("%s\n", j.dump().c_str());
   return 0;
 }
 
@@ -332,17 +351,16 @@ int run_training(const Args& args) {
 
 int main(int argc, char** argv) {
   const Args args = parse_args(argc, argv);
-  if (args.mode == "qlora") not_available("QLoRA (NF4 base weights) is not built into ranktune yet");
-  if (args.ranks != 1)
-    not_available("--ranks " + std::to_string(args.ranks) +
-                  ": data parallel over NCCL is not built into ranktune_bench_step yet");
   if (launched_ranks() != args.ranks)
     usage_error("launched as " + std::to_string(launched_ranks()) + " processes but --ranks is " +
                 std::to_string(args.ranks));
+  MPI_Init(&argc, &argv);
+  int code = 1;
   try {
-    return args.mode == "gemm" ? run_gemm_probe(args) : run_training(args);
+    code = args.mode == "gemm" ? run_gemm_probe(args) : run_training(args);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "ranktune_bench_step: %s\n", e.what());
-    return 1;
   }
+  MPI_Finalize();
+  return code;
 }

@@ -94,6 +94,12 @@ class ProfilingBackend final : public Backend {
   void cross_entropy(Tensor losses, Tensor dlogits, Tensor logits, Tensor targets, float grad_scale) override;
   void adamw_step(Tensor master, Tensor compute, Tensor grad, Tensor m, Tensor v, const AdamWParams& p) override;
   void nf4_dequantize(Tensor out, const Nf4Weight& w) override;
+  // Copies on the inner backend's copy stream overlap compute: not timed as ops.
+  int copy_to_host_async(Tensor host_dst, Tensor src) override { return inner_.copy_to_host_async(host_dst, src); }
+  int copy_to_device_async(Tensor dst, Tensor host_src) override {
+    return inner_.copy_to_device_async(dst, host_src);
+  }
+  void wait_copy(int ticket) override { inner_.wait_copy(ticket); }
   void adamw8bit_step(Tensor master, Tensor compute, Tensor grad, Tensor m_q, Tensor v_q, Tensor m_absmax,
                       Tensor v_absmax, const AdamWParams& p) override;
 

@@ -79,6 +79,16 @@ class Backend {
   virtual void fill(Tensor dst, float value) = 0;
   virtual void synchronize() = 0;
 
+  // ---- offloaded checkpoints (gradient_checkpointing: offload) ---------------------------------
+  // Copies between device memory and pinned host memory (Buffer::pinned_host) on a copy stream of
+  // their own, so they overlap the compute stream: each starts once the work queued so far is done
+  // (it wrote the source, or finished reading the old destination) and returns a ticket;
+  // wait_copy(ticket) makes later work wait for that copy. Contiguous, same dtype. The CPU copies
+  // at once.
+  virtual int copy_to_host_async(Tensor host_dst, Tensor src) = 0;
+  virtual int copy_to_device_async(Tensor dst, Tensor host_src) = 0;
+  virtual void wait_copy(int ticket) = 0;
+
   // ---- elementwise / reductions ------------------------------------------------------------
   // x *= s (f32 or act)
   virtual void scale(Tensor x, float s) = 0;

@@ -23,6 +23,7 @@
 
 #include "ranktune/backend.h"
 #include "ranktune/launch.h"
+#include "ranktune/model.h"
 #include "ranktune/tensor.h"
 
 namespace ranktune {
@@ -98,6 +99,24 @@ class Communicator {
   MPI_Comm comm_;
   int rank_ = 0, world_ = 1;
   Watchdog watchdog_;
+};
+
+// Data-parallel gradient reduction through a communicator: a bucket -- a layer's tensors, or the
+// embedding, final norm and head -- is summed as soon as the model's ledger reports it ready
+// (during the last micro-batch's backward, in backward order), as the runs of adjacent tensors it
+// holds; finish() waits for every sum before the gradients are read. With all_reduce false (ZeRO-1,
+// whose optimizer reduce-scatters instead) it does nothing.
+class GradReducer {
+ public:
+  GradReducer(Communicator& comm, ParamGroup& params, int n_layers, bool all_reduce = true);
+  void reduce_bucket(int bucket);
+  void finish(int64_t step);
+
+ private:
+  Communicator& comm_;
+  Tensor grad_;
+  bool all_reduce_;
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> runs_;  // per bucket: (offset, numel) runs
 };
 
 // NCCL when the backend is a GPU (and ranktune was built with CUDA), MPI

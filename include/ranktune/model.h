@@ -240,6 +240,12 @@ class LlamaModel {
   // inputs and the head's activations (first stage)
   Tensor tokens_, targets_;
   std::vector<Tensor> layer_inputs_;  // x_in of every layer, kept always (the checkpoints)
+  // gradient_checkpointing: offload -- layer_inputs_ are two device slots taking turns (layer l's
+  // in slot l % 2) and every layer's input lives in pinned host memory.
+  Buffer host_inputs_buf_;
+  std::vector<Tensor> host_inputs_;
+  std::vector<int> to_host_ticket_;
+  int slot_holds_[2] = {-1, -1};  // the layer whose input each device slot holds
   Tensor x_final_, ln_final_, rstd_final_, losses_, logits_, dlogits_;
   bool have_doc_ids_ = false;
   KvCache kv_;

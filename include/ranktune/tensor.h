@@ -68,6 +68,8 @@ class Buffer {
  public:
   Buffer() = default;
   Buffer(Device device, size_t bytes);  // zero-filled
+  // Page-locked host memory (cudaMallocHost), for asynchronous copies to and from a GPU.
+  static Buffer pinned_host(size_t bytes);
   ~Buffer();
   Buffer(Buffer&& other) noexcept;
   Buffer& operator=(Buffer&& other) noexcept;
@@ -84,6 +86,7 @@ class Buffer {
   void* data_ = nullptr;
   size_t bytes_ = 0;
   Device device_ = Device::cpu;
+  bool pinned_ = false;
 };
 
 // bf16 <-> f32 on the host (round to nearest even, as the GPU's __float2bfloat16 does).
