@@ -2,7 +2,8 @@
 # Multi-GPU checks in one device call: build, the gpu tests (two-GPU data-parallel equivalence
 # among them), and the scaling of `ranktune train` at the Llama-3.2-1B shape from 1 to N GPUs for
 # LoRA and full fine-tuning. Logs under $OUT (default ./device-out).
-# Usage: tools/device_multi_gpu.sh [stages...]   stages: build tests scaling
+# Usage: tools/device_multi_gpu.sh [stages...]
+#   stages: build tests scaling export_hf hf_dir memory auto_cap
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device-out}
@@ -37,5 +38,48 @@ for stage in ${*:-build tests scaling}; do
         done
       done
       grep -hE "Multi-GPU|rank [0-9]:" "$OUT"/scaling_lora_*.log | sort -u | head -12 ;;
+    export_hf)
+      log "HF transformers/peft load ranktune's exports"
+      python3 tools/check_export_hf.py --device cuda:0 --ranktune-bin ./$build/ranktune \
+        --dump-bin ./$build/ranktune_dump_logits --out /tmp/export_hf > "$OUT/export_hf.log" 2>&1
+      echo "rc=$?"; tail -30 "$OUT/export_hf.log" ;;
+    hf_dir)
+      log "a sharded Llama-3.2-1B-shaped HF directory (save_pretrained) loaded by ranktune vs HF"
+      python3 tools/check_hf_model_dir.py --dump-bin ./$build/ranktune_dump_logits --device cuda:0 --out /tmp/hf_dir \
+        > "$OUT/hf_dir.log" 2>&1
+      echo "rc=$?"; tail -3 "$OUT/hf_dir.log"
+      if [ -d /tmp/hf_dir/llama-3.2-1b-shape ]; then
+        python3 tools/make_bench_data.py > /dev/null
+        printf 'model: {name_or_path: /tmp/hf_dir/llama-3.2-1b-shape, tokenizer: byte, max_seq_length: 2048}\nlora: {enabled: true, r: 16, lora_alpha: 16}\ndata: {train_file: jobs/data/bench/train.jsonl, format: text, packing: true}\ntraining: {per_device_train_batch_size: 2, max_steps: 20, warmup_steps: 2, learning_rate: 2.0e-4}\nlogging: {logging_steps: 10, progress_bar: "false"}\n' > /tmp/hf_dir/run.yaml
+        for q in false true; do
+          $bin train /tmp/hf_dir/run.yaml --set model.load_in_4bit=$q --set training.output_dir=/tmp/hf_dir/run_$q \
+            > "$OUT/hf_dir_train_4bit_$q.log" 2>&1
+          echo "load_in_4bit=$q: rc=$? $(grep -E '^step 20/|^memory' "$OUT/hf_dir_train_4bit_$q.log" | tr '\n' ' ')"
+        done
+      fi ;;
+    memory)
+      log "1B shape at 2 x 2048: measured peak vs the memory plan (LoRA, QLoRA, offload)"
+      for args in "lora --gc 1" "qlora --gc 1" "lora --gc 2" "lora --gc 0" "full --gc 1"; do
+        ./$build/ranktune_bench_step $args --steps 8 --warmup 2 >> "$OUT/memory.log" 2>&1
+      done
+      python3 - "$OUT/memory.log" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    if line.startswith("{"):
+        j = json.loads(line)
+        print(f"{j['mode']:6s} gc={j['grad_ckpt']} tok/s {j['tokens_per_s']:7d} step {j['step_ms']:7.1f} ms "
+              f"peak {j['peak_mem_gib']:6.2f} GiB plan {j['plan_mem_gib']:6.2f} GiB ({100*(j['plan_mem_gib']/j['peak_mem_gib']-1):+.1f}%)")
+PY
+      ;;
+    auto_cap)
+      log "a per-GPU cap of 3 GiB: one GPU is refused with the plan, device_map auto over $n_gpus GPUs trains"
+      python3 tools/make_bench_data.py > /dev/null
+      $bin train jobs/configs/llama1b_lora.yaml --set distributed.max_memory_per_gpu=3GiB --set training.max_steps=20 \
+        --set training.output_dir=/tmp/cap_one > "$OUT/cap_one.log" 2>&1
+      echo "one GPU: rc=$?"; grep -iE "exceed|budget|error" "$OUT/cap_one.log" | head -3
+      $bin train jobs/configs/llama1b_lora.yaml --set model.device_map=auto --set distributed.max_memory_per_gpu=3GiB \
+        --set training.max_steps=30 --set training.output_dir=/tmp/cap_auto > "$OUT/cap_auto.log" 2>&1
+      echo "device_map auto: rc=$?"; grep -E "device_map auto|^step 30/|^memory|rror" "$OUT/cap_auto.log" | head -6
+      nvidia-smi --query-gpu=index,memory.used --format=csv ;;
   esac
 done
