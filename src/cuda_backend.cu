@@ -175,10 +175,18 @@ class CudaBackend final : public Backend {
   }
   int device_index() const override { return device_index_; }
   void* native_stream() const override { return stream_.get(); }
+  // An event must be recorded on a stream of its own GPU; a stream may wait for another GPU's.
   void wait_for(Backend& other) override {
-    if (&other == this || other.native_stream() == nullptr) return;
-    cudaCheck(cudaEventRecord(cross_event_.get(), static_cast<cudaStream_t>(other.native_stream())));
-    cudaCheck(cudaStreamWaitEvent(stream(), cross_event_.get(), 0));
+    if (&other == this) return;
+    void* point = other.record_point();
+    if (point == nullptr) return;
+    use_device();
+    cudaCheck(cudaStreamWaitEvent(stream(), static_cast<cudaEvent_t>(point), 0));
+  }
+  void* record_point() override {
+    use_device();
+    cudaCheck(cudaEventRecord(cross_event_.get(), stream()));
+    return cross_event_.get();
   }
 
   // ---- memory -------------------------------------------------------------------------------

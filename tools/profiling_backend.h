@@ -63,6 +63,7 @@ class ProfilingBackend final : public Backend {
   int device_index() const override { return inner_.device_index(); }
   void* native_stream() const override { return inner_.native_stream(); }
   void wait_for(Backend& other) override { inner_.wait_for(other); }
+  void* record_point() override { return inner_.record_point(); }
   Buffer alloc(size_t bytes) override { return inner_.alloc(bytes); }
   void synchronize() override { inner_.synchronize(); }
 

@@ -68,6 +68,9 @@ class Backend {
   // Work queued on this backend from now on waits for the work queued so far on `other` (a
   // backend of another GPU of the same process: device_map auto). No-op on the CPU.
   virtual void wait_for(Backend& other) { (void)other; }
+  // A point after the work queued so far on this backend (a cudaEvent_t of its GPU, recorded on its
+  // stream), for another backend's wait_for; null on the CPU.
+  virtual void* record_point() { return nullptr; }
 
   // ---- memory -------------------------------------------------------------------------------
   virtual Buffer alloc(size_t bytes) = 0;                  // zero-filled
