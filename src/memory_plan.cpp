@@ -28,7 +28,7 @@ constexpr int64_t kSumSquaresScratch = (1024 + 1) * 8;  // kernels/common.cu: kS
 // rmsnorm_backward's weight-gradient partials (full fine-tuning only): one row of C floats per
 // resident block, min(N, blocks per SM x SMs); 2048 bounds it on every GPU we build for.
 constexpr int64_t kRmsnormPartialRows = 2048;
-constexpr int64_t kLossChunkBytes = 256 * kMiB;  // model.cpp: f32 logits per loss chunk
+constexpr int64_t kLossChunkBytes = 64 * kMiB;  // model.cpp: f32 logits per loss chunk
 
 // Not sized by ranktune, so estimated:
 // - cuBLAS's handle (the cublasGemmEx fallback) takes its default workspace on first use: 32 MiB
@@ -229,7 +229,7 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
                           + p.logits_chunk                                        // logits, dlogits
                           + carved(N * C, act) + carved(N * std::max(C, Q), act)  // dres, dln
                           + carved(N * QKV, act) + carved(N * Q, act)             // dqkv, datt
-                          + carved(N * 2 * F, act) + carved(N * F, act)           // dgu, dh
+                          + carved(N * F, act)                                    // dh (dgu overwrites gu)
                           + carved(N * r, act)                                    // dxa
                           + 2 * carved(drop_rows * widest, act);                  // drop_scratch, lora_tmp
   alloc(globals);

@@ -185,7 +185,7 @@ struct LlamaModel::Stage {
   Tensor delta;  // a projection's output before its residual add
   Tensor weight_scratch;  // QLoRA: the dequantized weight of the GEMM at hand
   // backward scratch
-  Tensor dres, dln, dqkv, datt, dgu, dh, dxa, drop_scratch, lora_tmp;
+  Tensor dres, dln, dqkv, datt, dh, dxa, drop_scratch, lora_tmp;
 };
 
 // QLoRA: a linear weight's NF4 form, in host memory (for get_tensor and exports) and on its GPU.
@@ -211,9 +211,9 @@ std::vector<int64_t> balance_stages(const ModelOptions& o, int n_stages, size_t 
   const double set = N * (3 * C + static_cast<double>(a.qkv_dim() + a.q_dim()) + 3 * F) * act;
   const double per_layer = layer_params * act + N * C * act + (o.checkpointing == Checkpointing::off ? set : 0.0);
   // Every stage: a recompute set and the backward scratch; the first also the embedding, head and logits chunk.
-  const double per_stage = (o.checkpointing == Checkpointing::off ? 0.0 : set) + N * (4 * C + 5 * F) * act;
+  const double per_stage = (o.checkpointing == Checkpointing::off ? 0.0 : set) + N * (4 * C + 3 * F) * act;
   const double V = static_cast<double>(a.vocab_size);
-  const double first_extra = V * C * act * (a.tie_word_embeddings ? 1 : 2) + std::min(N, (256.0 * (1 << 20)) / (V * 4)) * V * (4 + act);
+  const double first_extra = V * C * act * (a.tie_word_embeddings ? 1 : 2) + std::min(N, (64.0 * (1 << 20)) / (V * 4)) * V * (4 + act);
   // The smallest per-GPU load at which consecutive layers fit the stages (each taking layers while
   // under it, and leaving one for every later stage), found by bisection; then that split.
   const auto split = [&](double cap, std::vector<int64_t>* layers) {
@@ -380,7 +380,7 @@ void LlamaModel::allocate_activations() {
   N_ = B_ * T_;
   const int64_t N = N_, C = a.hidden_size, F = a.intermediate_size, V = a.vocab_size, H = a.n_heads;
   loss_chunk_ = opt_.loss_chunk_rows > 0 ? opt_.loss_chunk_rows
-                                         : std::max<int64_t>(1, std::min<int64_t>(N, (256LL << 20) / (V * 4)));
+                                         : std::max<int64_t>(1, std::min<int64_t>(N, (64LL << 20) / (V * 4)));
   loss_chunk_ = std::min(loss_chunk_, N);
 
   // Sizes are listed once, then carved out of one buffer per group, on the stage's backend.
@@ -441,7 +441,6 @@ void LlamaModel::allocate_activations() {
                    {&st.dln, act, {N, std::max(C, a.q_dim())}},
                    {&st.dqkv, act, {N, a.qkv_dim()}},
                    {&st.datt, act, {N, a.q_dim()}},
-                   {&st.dgu, act, {N, 2 * F}},
                    {&st.dh, act, {N, F}},
                    {&st.dxa, act, {N, std::max<int64_t>(opt_.lora_r, 1)}},
                    {&st.drop_scratch, act, {opt_.lora_dropout > 0 ? N : 1, std::max({C, F, a.q_dim()})}},
@@ -1038,7 +1037,9 @@ void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
   const int64_t N = N_, C = a.hidden_size, F = a.intermediate_size;
   Tensor x_in = layer_inputs_[static_cast<size_t>(l)].row_slice(0, N);
   Tensor dres = S.dres.row_slice(0, N);
-  Tensor dh = S.dh.row_slice(0, N), dgu = S.dgu.row_slice(0, N);
+  // d(gate_up) overwrites gate_up itself (SwiGLU's backward reads each element before writing it,
+  // and nothing after needs gate_up): one [N, 2F] buffer less.
+  Tensor dh = S.dh.row_slice(0, N), dgu = A.gu.row_slice(0, N);
   Tensor dln = S.dln.flat_slice(0, N * C).view({N, C});
   Tensor dqkv = S.dqkv.row_slice(0, N), datt = S.datt.row_slice(0, N);
   const bool full = opt_.train_base;

@@ -176,7 +176,7 @@ def plan(args, keys, n_gpus):
         else:
             runs.append((key, "ranktune", ["mpirun", "--allow-run-as-root", "-np", str(gpus), bench] + rt_args
                          + shape + ["--ranks", str(gpus)], multi_env))
-        if hf_args is not None and not args.skip_hf:
+        if hf_args is not None and not args.skip_hf and not (gpus > 1 and args.skip_hf_multi_gpu):
             hf = [args.python, args.hf_script] + hf_args + shape
             if gpus > 1:
                 hf = [args.python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
@@ -369,6 +369,8 @@ def parse_args(argv):
     ap.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
     ap.add_argument("--layers", type=int, default=16, help="decoder layers (default 16, Llama-3.2-1B)")
     ap.add_argument("--skip-hf", action="store_true", help="ranktune only")
+    ap.add_argument("--skip-hf-multi-gpu", action="store_true",
+                    help="no HF peer for (e): its target is ranktune's own scaling from (a) and (c)")
     ap.add_argument("--profile", default="a,c", help="workloads to profile op by op (default a,c; '' for none)")
     ap.add_argument("--out", default=os.path.join(REPO, "out", "benchmark"),
                     help="directory for results.jsonl, report.md, logs/ (default out/benchmark)")
