@@ -28,7 +28,8 @@ constexpr int64_t kSumSquaresScratch = (1024 + 1) * 8;  // kernels/common.cu: kS
 // rmsnorm_backward's weight-gradient partials (full fine-tuning only): one row of C floats per
 // resident block, min(N, blocks per SM x SMs); 2048 bounds it on every GPU we build for.
 constexpr int64_t kRmsnormPartialRows = 2048;
-constexpr int64_t kLossChunkBytes = 64 * kMiB;  // model.cpp: f32 logits per loss chunk
+// model.cpp: f32 logits per loss chunk; larger when the head's weight gradient is trained.
+constexpr int64_t kLossChunkBytes = 64 * kMiB, kLossChunkBytesFull = 512 * kMiB;
 
 // Not sized by ranktune, so estimated:
 // - cuBLAS's handle (the cublasGemmEx fallback) takes its default workspace on first use: 32 MiB
@@ -216,7 +217,7 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   const int64_t B = o.max_batch, T = o.max_seq, N = B * T, C = a.hidden_size, F = a.intermediate_size, V = a.vocab_size,
                 H = a.n_heads, Q = a.q_dim(), QKV = a.qkv_dim();
   int64_t chunk =
-      o.loss_chunk_rows > 0 ? o.loss_chunk_rows : std::max<int64_t>(1, std::min<int64_t>(N, kLossChunkBytes / (V * 4)));
+      o.loss_chunk_rows > 0 ? o.loss_chunk_rows : std::max<int64_t>(1, std::min<int64_t>(N, (o.train_base ? kLossChunkBytesFull : kLossChunkBytes) / (V * 4)));
   chunk = std::min(chunk, N);
   p.loss_chunk_rows = chunk;
   const int64_t r = std::max<int64_t>(o.lora_r, 1);
