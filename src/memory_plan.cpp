@@ -29,7 +29,7 @@ constexpr int64_t kSumSquaresScratch = (1024 + 1) * 8;  // kernels/common.cu: kS
 // resident block, min(N, blocks per SM x SMs); 2048 bounds it on every GPU we build for.
 constexpr int64_t kRmsnormPartialRows = 2048;
 // model.cpp: f32 logits per loss chunk; larger when the head's weight gradient is trained.
-constexpr int64_t kLossChunkBytes = 64 * kMiB, kLossChunkBytesFull = 512 * kMiB;
+constexpr int64_t kLossChunkBytes = 64 * kMiB, kLossChunkBytesFull = 256 * kMiB;
 
 // Not sized by ranktune, so estimated:
 // - cuBLAS's handle (the cublasGemmEx fallback) takes its default workspace on first use: 32 MiB

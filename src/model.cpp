@@ -380,9 +380,9 @@ void LlamaModel::allocate_activations() {
   N_ = B_ * T_;
   const int64_t N = N_, C = a.hidden_size, F = a.intermediate_size, V = a.vocab_size, H = a.n_heads;
   // Logits chunks of 64 MiB (f32) keep LoRA's memory low; when the head's weight gradient is
-  // trained each chunk also reads and writes the whole fp32 [V, C] gradient, so full fine-tuning
-  // takes chunks of 512 MiB (a quarter as many passes over it).
-  const int64_t chunk_bytes = opt_.train_base ? (512LL << 20) : (64LL << 20);
+  // trained each chunk also reads and writes the whole fp32 [V, C] gradient (with 64 MiB chunks
+  // that was a quarter of a full fine-tuning step on an H100), so full fine-tuning takes 256 MiB.
+  const int64_t chunk_bytes = opt_.train_base ? (256LL << 20) : (64LL << 20);
   loss_chunk_ = opt_.loss_chunk_rows > 0 ? opt_.loss_chunk_rows
                                          : std::max<int64_t>(1, std::min<int64_t>(N, chunk_bytes / (V * 4)));
   loss_chunk_ = std::min(loss_chunk_, N);
