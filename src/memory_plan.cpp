@@ -111,12 +111,7 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
     for (int64_t l = 0; l < a.n_layers; ++l)
       for (const std::string& m : lora_module_names()) {
         if (std::find(o.lora_targets.begin(), o.lora_targets.end(), m) == o.lora_targets.end()) continue;
-        int64_t in = a.hidden_size, out = a.hidden_size;
-        if (m == "q_proj") out = a.q_dim();
-        if (m == "k_proj" || m == "v_proj") out = a.kv_dim();
-        if (m == "o_proj") in = a.q_dim();
-        if (m == "gate_proj" || m == "up_proj") out = a.intermediate_size;
-        if (m == "down_proj") in = a.intermediate_size;
+        const auto [out, in] = projection_shape(a, m);
         lora_tensors.push_back(o.lora_r * in);
         lora_tensors.push_back(out * o.lora_r);
         p.lora_params += o.lora_r * in + out * o.lora_r;

@@ -342,12 +342,7 @@ void LlamaModel::build_params() {
     for (const auto& site : kSites) {
       const std::string m = site.module;
       if (std::find(opt_.lora_targets.begin(), opt_.lora_targets.end(), m) == opt_.lora_targets.end()) continue;
-      int64_t in = a.hidden_size, out = a.hidden_size;
-      if (m == "q_proj") out = a.q_dim();
-      if (m == "k_proj" || m == "v_proj") out = a.kv_dim();
-      if (m == "o_proj") in = a.q_dim();
-      if (m == "gate_proj" || m == "up_proj") out = a.intermediate_size;
-      if (m == "down_proj") in = a.intermediate_size;
+      const auto [out, in] = projection_shape(a, m);
       const std::string p = module_prefix(l, m);
       lora_.specs.push_back({p + ".lora_A.weight", {r, in}, offset, r * in, l, false});
       offset += r * in;

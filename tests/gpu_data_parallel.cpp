@@ -17,13 +17,6 @@
 
 namespace {
 
-std::vector<double> losses(const std::string& dir) {
-  std::ifstream in(dir + "/metrics.jsonl");
-  std::vector<double> out;
-  std::string line;
-  while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line)["loss"].get<double>());
-  return out;
-}
 
 void check_two_gpus_equal_one(bool lora) {
   SKIP_WITHOUT_GPU();
@@ -59,7 +52,7 @@ void check_two_gpus_equal_one(bool lora) {
                                             " --set training.output_dir=" + dir + "/one",
                                         1);
   ASSERT_EQ(one.code, 0) << one.output;
-  const auto a = losses(dir + "/two"), b = losses(dir + "/one");
+  const auto a = logged_losses(dir + "/two"), b = logged_losses(dir + "/one");
   ASSERT_EQ(a.size(), 10u);
   ASSERT_EQ(b.size(), 10u);
   double worst = 0;
@@ -117,7 +110,7 @@ TEST(GpuDeviceMapAuto, TwoGpusInOneProcessEqualOneGpu) {
                                             " --set training.output_dir=" + dir + "/one",
                                         1);
   ASSERT_EQ(one.code, 0) << one.output;
-  const auto a = losses(dir + "/auto"), b = losses(dir + "/one");
+  const auto a = logged_losses(dir + "/auto"), b = logged_losses(dir + "/one");
   ASSERT_EQ(a.size(), 10u);
   ASSERT_EQ(b.size(), 10u);
   double worst = 0;

@@ -26,13 +26,6 @@ int run(const std::string& cmd, std::string* out) {
   return r.code;
 }
 
-std::vector<double> losses(const std::string& dir) {
-  std::ifstream in(dir + "/metrics.jsonl");
-  std::vector<double> out;
-  std::string line;
-  while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line)["loss"].get<double>());
-  return out;
-}
 
 void write_config(const std::string& cfg, bool lora) {
   std::ofstream(cfg)
@@ -75,7 +68,7 @@ void check_equivalence(int ranks, bool lora) {
                 &out),
             0)
       << out;
-  const auto many = losses(dir + "/many"), one = losses(dir + "/one");
+  const auto many = logged_losses(dir + "/many"), one = logged_losses(dir + "/one");
   ASSERT_EQ(many.size(), 10u);
   ASSERT_EQ(one.size(), 10u);
   for (size_t i = 0; i < many.size(); ++i) EXPECT_NEAR(many[i], one[i], 1e-5 * std::fabs(one[i])) << "step " << i + 1;
@@ -139,7 +132,7 @@ static void check_zero_stage_1(int ranks, const std::string& optim) {
             std::string::npos)
       << out;
   ASSERT_EQ(run(launch + " --set training.output_dir=" + dir + "/plain", &out), 0) << out;
-  const auto zero = losses(dir + "/zero"), plain = losses(dir + "/plain");
+  const auto zero = logged_losses(dir + "/zero"), plain = logged_losses(dir + "/plain");
   ASSERT_EQ(zero.size(), 10u);
   for (size_t i = 0; i < zero.size(); ++i)
     EXPECT_NEAR(zero[i], plain[i], 1e-5 * std::fabs(plain[i])) << "step " << i + 1;
@@ -176,7 +169,7 @@ TEST(DataParallel, ZeroStage1ResumesBitwiseAndOnOneRank) {
   EXPECT_EQ(run("RANKTUNE_FAULT=sigusr1_at_step=5 " + two + " --set training.output_dir=" + dir + "/stopped", &out), 75)
       << out;
   ASSERT_EQ(run(two + " --set training.output_dir=" + dir + "/stopped --resume latest", &out), 0) << out;
-  const auto whole = losses(dir + "/whole"), resumed = losses(dir + "/stopped");
+  const auto whole = logged_losses(dir + "/whole"), resumed = logged_losses(dir + "/stopped");
   ASSERT_EQ(resumed.size(), whole.size());
   for (size_t i = 0; i < whole.size(); ++i) EXPECT_EQ(resumed[i], whole[i]) << "step " << i + 1;
 
@@ -189,7 +182,7 @@ TEST(DataParallel, ZeroStage1ResumesBitwiseAndOnOneRank) {
                 &out),
             0)
       << out;
-  const auto one = losses(dir + "/one");
+  const auto one = logged_losses(dir + "/one");
   ASSERT_EQ(one.size(), whole.size());
   for (size_t i = 5; i < whole.size(); ++i)
     EXPECT_NEAR(one[i], whole[i], 1e-5 * std::fabs(whole[i])) << "step " << i + 1;

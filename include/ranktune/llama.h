@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace ranktune {
@@ -43,6 +44,17 @@ inline const std::vector<std::string>& lora_module_names() {
   static const std::vector<std::string> names = {"q_proj", "k_proj", "v_proj", "o_proj",
                                                  "gate_proj", "up_proj", "down_proj"};
   return names;
+}
+
+// A projection's weight shape, {out, in}, by its module name (q_proj ... down_proj).
+inline std::pair<int64_t, int64_t> projection_shape(const LlamaArch& a, const std::string& module) {
+  int64_t in = a.hidden_size, out = a.hidden_size;
+  if (module == "q_proj") out = a.q_dim();
+  if (module == "k_proj" || module == "v_proj") out = a.kv_dim();
+  if (module == "o_proj") in = a.q_dim();
+  if (module == "gate_proj" || module == "up_proj") out = a.intermediate_size;
+  if (module == "down_proj") in = a.intermediate_size;
+  return {out, in};
 }
 
 // One tensor of the model with its HF name ("model.layers.3.self_attn.q_proj.weight") and its
