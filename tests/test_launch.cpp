@@ -109,6 +109,19 @@ TEST(Launch, AutoSpreadsOverVisibleGpusWhenEnabled) {
   EXPECT_EQ(p.devices, (std::vector<int>{0, 1, 2}));
 }
 
+// device_map auto with several ranks on a node: its GPUs split evenly, consecutive ones to each
+// rank (2 ranks x 2 GPUs on 4 combine data parallel with layer stages); a rank without a GPU of its
+// own is an error.
+TEST(Launch, AutoSplitsTheNodesGpusBetweenItsRanks) {
+  const RunConfig cfg = config_with({"model.device_map=auto", "model.enable_multi_gpu=true"});
+  EXPECT_EQ(place_rank(cfg, launch(2, 0, 2, 4), "run.yaml").devices, (std::vector<int>{0, 1}));
+  const Placement second = place_rank(cfg, launch(2, 1, 2, 4), "run.yaml");
+  EXPECT_EQ(second.devices, (std::vector<int>{2, 3}));
+  EXPECT_TRUE(second.unused_gpus_hint.empty());
+  EXPECT_EQ(place_rank(cfg, launch(4, 3, 4, 4), "run.yaml").devices, (std::vector<int>{3}));
+  EXPECT_THROW(place_rank(cfg, launch(3, 0, 3, 2), "run.yaml"), UserError);
+}
+
 TEST(Launch, SeveralRanksNeedMultiGpuEnabled) {
   EXPECT_THROW(place_rank(config_with({}), launch(2, 0, 2, 0), "run.yaml"), UserError);
 }
