@@ -27,12 +27,6 @@ namespace {
 using h5::H5Id;
 using h5::H5QuietErrors;
 
-H5Id file_access_plist() {
-  H5Id fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
-  if (fapl.valid()) H5Pset_file_locking(fapl.get(), false, true);
-  return fapl;
-}
-
 uint64_t fnv1a64(const void* data, size_t n) {
   const auto* p = static_cast<const unsigned char*>(data);
   uint64_t h = 0xcbf29ce484222325ull;
@@ -56,7 +50,7 @@ void fsync_path(const std::string& path, bool directory) {
 class Writer {
  public:
   explicit Writer(const std::string& tmp_path) : path_(tmp_path) {
-    H5Id fapl = file_access_plist();
+    H5Id fapl = h5::file_access_plist(/*lock=*/false);
     file_ = H5Id(H5Fcreate(tmp_path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose);
     RT_REQUIRE(file_.valid(), tmp_path + ": cannot create the checkpoint (check that the directory is writable)");
   }
@@ -142,7 +136,7 @@ class Reader {
  public:
   explicit Reader(const std::string& path) : path_(path) {
     RT_REQUIRE(fs::exists(path), path + ": no such checkpoint");
-    H5Id fapl = file_access_plist();
+    H5Id fapl = h5::file_access_plist(/*lock=*/false);
     file_ = H5Id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl.get()), H5Fclose);
     RT_REQUIRE(file_.valid(), path + ": cannot open it as an HDF5 file (truncated or damaged)");
   }

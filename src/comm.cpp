@@ -147,23 +147,24 @@ void Communicator::wait_mpi(std::vector<MPI_Request>& requests, const std::funct
       on_abort);
 }
 
+void Communicator::host_allreduce(const void* in, void* out, MPI_Datatype type, MPI_Op op, const std::string& what) {
+  watchdog_.enter(what);
+  std::vector<MPI_Request> req(1);
+  MPI_Iallreduce(in, out, 1, type, op, comm_, &req[0]);
+  wait_mpi(req);
+}
+
 double Communicator::sum(double x, const std::string& what) {
   if (world_ == 1) return x;
-  watchdog_.enter(what);
   double out = 0;
-  std::vector<MPI_Request> req(1);
-  MPI_Iallreduce(&x, &out, 1, MPI_DOUBLE, MPI_SUM, comm_, &req[0]);
-  wait_mpi(req);
+  host_allreduce(&x, &out, MPI_DOUBLE, MPI_SUM, what);
   return out;
 }
 
 int Communicator::max(int x, const std::string& what) {
   if (world_ == 1) return x;
-  watchdog_.enter(what);
   int out = 0;
-  std::vector<MPI_Request> req(1);
-  MPI_Iallreduce(&x, &out, 1, MPI_INT, MPI_MAX, comm_, &req[0]);
-  wait_mpi(req);
+  host_allreduce(&x, &out, MPI_INT, MPI_MAX, what);
   return out;
 }
 
@@ -182,8 +183,10 @@ GradReducer::GradReducer(Communicator& comm, ParamGroup& params, int n_layers, b
   runs_.resize(static_cast<size_t>(n_layers + 1));
   for (const ParamSpec& p : params.specs) {
     auto& runs = runs_[static_cast<size_t>(p.layer >= 0 ? p.layer : n_layers)];
-    if (!runs.empty() && runs.back().first + runs.back().second == p.offset) runs.back().second += p.numel;
-    else runs.push_back({p.offset, p.numel});
+    if (!runs.empty() && runs.back().first + runs.back().second == p.offset)
+      runs.back().second += p.numel;
+    else
+      runs.push_back({p.offset, p.numel});
   }
 }
 
@@ -192,9 +195,7 @@ void GradReducer::reduce_bucket(int bucket) {
   for (const auto& [offset, n] : runs_[static_cast<size_t>(bucket)]) comm_.start_sum(grad_.flat_slice(offset, n));
 }
 
-void GradReducer::finish(int64_t step) {
-  comm_.finish_sums("the gradient all-reduce of step " + std::to_string(step));
-}
+void GradReducer::finish(int64_t step) { comm_.finish_sums("the gradient all-reduce of step " + std::to_string(step)); }
 
 // ---- MPI: the CPU path
 // ---------------------------------------------------------------------------

@@ -41,18 +41,10 @@ std::string with_commas(int64_t v) {
 using h5::H5Id;
 using h5::H5QuietErrors;
 
-// File access: lock the file where the file system supports it, and carry on where it does not
-// (HDF5 otherwise refuses to open files on e.g. some Lustre/NFS mounts).
-H5Id file_access_plist() {
-  H5Id fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
-  if (fapl.valid()) H5Pset_file_locking(fapl.get(), true, true);
-  return fapl;
-}
-
 class H5Writer {
  public:
   H5Writer(const std::string& tmp_path, const std::string& shown_path) : shown_path_(shown_path) {
-    H5Id fapl = file_access_plist();
+    H5Id fapl = h5::file_access_plist(/*lock=*/true);
     file_ = H5Id(H5Fcreate(tmp_path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose);
     if (!file_.valid())
       fail("cannot create " + tmp_path + " (check that the directory is writable)");
@@ -127,7 +119,7 @@ std::string rerun_hint() {
 class H5Reader {
  public:
   explicit H5Reader(const std::string& path) : path_(path) {
-    H5Id fapl = file_access_plist();
+    H5Id fapl = h5::file_access_plist(/*lock=*/true);
     file_ = H5Id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl.get()), H5Fclose);
     if (!file_.valid())
       throw UserError(path + ": cannot open it as an HDF5 file (unreadable or damaged). " +

@@ -13,8 +13,7 @@ class H5Id {
   H5Id(hid_t id, herr_t (*close_fn)(hid_t)) : id_(id), close_fn_(close_fn) {}
   H5Id(const H5Id&) = delete;
   H5Id& operator=(const H5Id&) = delete;
-  H5Id(H5Id&& other) noexcept
-      : id_(std::exchange(other.id_, H5I_INVALID_HID)), close_fn_(other.close_fn_) {}
+  H5Id(H5Id&& other) noexcept : id_(std::exchange(other.id_, H5I_INVALID_HID)), close_fn_(other.close_fn_) {}
   H5Id& operator=(H5Id&& other) noexcept {
     if (this != &other) {
       close();
@@ -54,5 +53,15 @@ class H5QuietErrors {
   H5E_auto2_t func_ = nullptr;
   void* data_ = nullptr;
 };
+
+// File access properties: with lock, HDF5 locks the file where the file system supports it and
+// carries on where it does not (it otherwise refuses to open files on e.g. some Lustre/NFS mounts);
+// without, no locking at all (checkpoints: written under a temporary name and renamed, read by one
+// process).
+inline H5Id file_access_plist(bool lock) {
+  H5Id fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+  if (fapl.valid()) H5Pset_file_locking(fapl.get(), lock, true);
+  return fapl;
+}
 
 }  // namespace ranktune::h5

@@ -11,6 +11,7 @@
 #include "ranktune/backend.h"
 #include "ranktune/error.h"
 #include "ranktune/launch.h"
+#include "ranktune/optimizer.h"
 
 #ifdef RANKTUNE_HAVE_CUDA
 #include <cuda_runtime.h>
@@ -73,6 +74,24 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 
 }  // namespace
 
+MemoryPlan plan_fullest_gpu(const ModelOptions& o, const PlanSettings& s, int n_gpus, int* fullest) {
+  if (fullest) *fullest = 0;
+  if (n_gpus <= 1) return plan_memory(o, s);
+  const std::vector<int64_t> layers = balance_stages(o, n_gpus, s.gpu ? 2 : 4);
+  MemoryPlan most;
+  for (size_t st = 0; st < layers.size(); ++st) {
+    PlanSettings one = s;
+    one.stage_layers = layers[st];
+    one.first_stage = st == 0;
+    MemoryPlan p = plan_memory(o, one);
+    if (st == 0 || p.total > most.total) {
+      most = p;
+      if (fullest) *fullest = static_cast<int>(st);
+    }
+  }
+  return most;
+}
+
 std::string format_bytes(int64_t bytes) {
   char buf[32];
   if (bytes >= kGiB)
@@ -97,10 +116,16 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   };
 
   // ---- parameters: LlamaModel::build_params --------------------------------------------------
+  // Under device_map auto this GPU holds `layers` layers, and the first also the rest.
+  const int64_t layers = s.stage_layers < 0 ? a.n_layers : s.stage_layers;
+  const bool first = s.first_stage;
+  const auto here = [&](const ParamSpec& spec) { return spec.layer >= 0 ? spec.layer < layers : first; };
   const std::vector<ParamSpec> base = llama_param_layout(a);
-  int64_t linear_numel = 0, largest_fused = 0;
+  int64_t linear_numel = 0, largest_fused = 0, here_numel = 0;
   for (const ParamSpec& spec : base) {
     p.base_params += spec.numel;
+    if (!here(spec)) continue;
+    here_numel += spec.numel;
     if (is_linear_weight(spec)) linear_numel += spec.numel;
   }
   largest_fused = std::max({a.qkv_dim() * a.hidden_size, a.hidden_size * a.q_dim(),
@@ -122,15 +147,15 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
     // Linear weights of every layer as NF4; embedding, norms and an untied head stay in act.
     int64_t nf4 = 256 * 4;  // the nested quantization map
     for (const ParamSpec& spec : base)
-      if (is_linear_weight(spec)) nf4 += nf4_bytes(spec.numel);
-    p.weights += alloc((p.base_params - linear_numel) * act) + alloc(nf4);
+      if (here(spec) && is_linear_weight(spec)) nf4 += nf4_bytes(spec.numel);
+    p.weights += alloc((here_numel - linear_numel) * act) + alloc(nf4);
     p.notes.weights = "base: " + millions(linear_numel) + " linear params NF4 (" + format_bytes(nf4) + "), " +
-                      millions(p.base_params - linear_numel) + " embedding/norm/head params " + act_name;
+                      millions(here_numel - linear_numel) + " embedding/norm/head params " + act_name;
   } else {
-    p.weights += alloc(p.base_params * act);
-    p.notes.weights = "base: " + millions(p.base_params) + " params " + act_name;
+    p.weights += alloc(here_numel * act);
+    p.notes.weights = "base: " + millions(here_numel) + " params " + act_name;
   }
-  if (o.lora) {
+  if (o.lora && first) {
     p.weights += alloc(p.lora_params * act);
     p.notes.weights += "; LoRA: " + millions(p.lora_params) + " params " + act_name;
   }
@@ -138,6 +163,7 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   // The trained group: the base in full fine-tuning, else the adapters.
   const bool full = o.train_base;
   p.trainable_params = full ? p.base_params : (o.lora ? p.lora_params : 0);
+  if (!first) p.trainable_params = 0;  // the adapters, their gradients and states are on the first GPU
   std::vector<int64_t> trained_tensors = lora_tensors;
   if (full) {
     trained_tensors.clear();
@@ -153,20 +179,7 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   };
   std::vector<Shard> shards;
   {
-    const int shard_count = sharded ? static_cast<int>(world) : 1;
-    std::vector<int64_t> offsets{0};
-    for (int64_t n : trained_tensors) offsets.push_back(offsets.back() + n);
-    const int64_t numel = offsets.back();
-    const size_t n_tensors = trained_tensors.size();
-    std::vector<size_t> cuts{0};
-    for (int rank = 1; rank < shard_count; ++rank) {
-      const int64_t target = numel * rank / shard_count;
-      size_t i = cuts.back();
-      while (i < n_tensors && offsets[i + 1] <= target) ++i;
-      if (i < n_tensors && offsets[i + 1] - target < target - offsets[i]) ++i;
-      cuts.push_back(i);
-    }
-    cuts.push_back(n_tensors);
+    const std::vector<size_t> cuts = zero_shard_cuts(trained_tensors, sharded ? static_cast<int>(world) : 1);
     for (size_t k = 0; k + 1 < cuts.size(); ++k) {
       Shard sh;
       for (size_t i = cuts[k]; i < cuts[k + 1]; ++i) {
@@ -188,7 +201,7 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   // fp32 masters exist on the GPU only (the CPU path's compute copy is the fp32 master): the
   // model's (build_params gives the LoRA group one whenever LoRA is on), or under ZeRO-1 the
   // optimizer's, for its shard.
-  if (s.gpu) {
+  if (s.gpu && first) {
     if (full) p.trainable += alloc(mine.elements * 4);
     if (o.lora) p.trainable += alloc(p.lora_params * 4);
     p.notes.trainable = "fp32 masters of " + millions(full ? mine.elements : p.lora_params) + " params" + per_rank;
@@ -199,7 +212,9 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   p.notes.gradients = "fp32, " + millions(p.trainable_params) + " values";
 
   // ---- optimizer: Optimizer's constructor ----------------------------------------------------
-  if (eight_bit) {
+  if (!first) {
+    p.notes.optimizer = "none: on the first GPU";
+  } else if (eight_bit) {
     // Each tensor padded to whole blocks; u8 m and v codes, fp32 absmax per block for each.
     p.optimizer = alloc(mine.padded) + alloc(mine.padded) + alloc(mine.blocks * 4) + alloc(mine.blocks * 4);
     p.notes.optimizer = "adamw_8bit: u8 m and v codes + fp32 absmax per " + std::to_string(kAdam8BitBlock) + per_rank;
@@ -211,17 +226,23 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   // ---- activations: LlamaModel::allocate_activations, group by group -----------------------------
   const int64_t B = o.max_batch, T = o.max_seq, N = B * T, C = a.hidden_size, F = a.intermediate_size, V = a.vocab_size,
                 H = a.n_heads, Q = a.q_dim(), QKV = a.qkv_dim();
-  int64_t chunk =
-      o.loss_chunk_rows > 0 ? o.loss_chunk_rows : std::max<int64_t>(1, std::min<int64_t>(N, (o.train_base ? kLossChunkBytesFull : kLossChunkBytes) / (V * 4)));
+  int64_t chunk = o.loss_chunk_rows > 0
+                      ? o.loss_chunk_rows
+                      : std::max<int64_t>(
+                            1, std::min<int64_t>(N, (o.train_base ? kLossChunkBytesFull : kLossChunkBytes) / (V * 4)));
   chunk = std::min(chunk, N);
   p.loss_chunk_rows = chunk;
   const int64_t r = std::max<int64_t>(o.lora_r, 1);
   const int64_t drop_rows = o.lora_dropout > 0 ? N : 1, widest = std::max({C, F, Q});
-  p.logits_chunk = carved(chunk * V, 4) + carved(chunk * V, act);
-  const int64_t globals = 4 * carved(N, 4)                                        // tokens, targets, positions, doc_ids
+  p.logits_chunk = first ? carved(chunk * V, 4) + carved(chunk * V, act) : 0;
+  // The inputs and the head on the first GPU; the rest on every GPU.
+  const int64_t head = first ? 2 * carved(N, 4)                             // tokens, targets
+                                   + 2 * carved(N * C, act) + carved(N, 4)  // x_final, ln_final, rstd_final
+                                   + carved(N, 4)                           // losses
+                             : 0;
+  const int64_t globals = head + 2 * carved(N, 4)                                 // positions, doc_ids
                           + 2 * carved(T * (a.head_dim / 2), 4)                   // rope cos, sin
-                          + 2 * carved(N * C, act) + carved(N, 4)                 // x_final, ln_final, rstd_final
-                          + carved(N * C, act) + carved(N, 4)                     // delta, losses
+                          + carved(N * C, act)                                    // delta
                           + p.logits_chunk                                        // logits, dlogits
                           + carved(N * C, act) + carved(N * std::max(C, Q), act)  // dres, dln
                           + carved(N * QKV, act) + carved(N * Q, act)             // dqkv, datt
@@ -233,12 +254,12 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   // (the layer being computed and the next one's transfer) and every layer's in pinned host memory.
   const int64_t layer_input = carved(N * C, act);
   const bool offload = o.checkpointing == Checkpointing::offload;
-  const int64_t device_inputs = offload ? 2 : a.n_layers;
+  const int64_t device_inputs = offload ? 2 : layers;
   const int64_t inputs = alloc(device_inputs * layer_input);
   if (offload) p.host_pinned = a.n_layers * N * C * act;
   // Per-layer sets: one per layer, or one recompute set with checkpointing.
   const int64_t n_modules = o.lora ? static_cast<int64_t>(o.lora_targets.size()) : 0;
-  const int64_t n_sets = o.checkpointing == Checkpointing::off ? a.n_layers : 1;
+  const int64_t n_sets = o.checkpointing == Checkpointing::off ? layers : 1;
   const int64_t set = carved(N * C, act) + carved(N, 4)              // ln1, rstd1
                       + carved(N * QKV, act) + carved(N * Q, act)    // qkv, att
                       + carved(B * H * T, 4)                         // lse
@@ -276,7 +297,7 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
 
   // ---- generation: LlamaModel::prefill's KV cache, at most [B, T] per layer ---------------------
   if (s.generation) {
-    p.kv_cache = alloc(2 * a.n_layers * B * T * a.kv_dim() * act);
+    p.kv_cache = alloc(2 * layers * B * T * a.kv_dim() * act);
     p.notes.kv_cache = "keys and values of " + std::to_string(a.n_layers) + " layers for the exact-match eval";
   }
 
@@ -375,12 +396,16 @@ struct Alternative {
   int64_t total = -1;  // -1: no estimate (a remark)
 };
 
-int64_t total_for(const RunConfig& cfg, const LlamaArch& arch, int64_t batch, const LaunchInfo& li, bool gpu) {
-  return plan_memory(model_options_from(cfg, arch, batch), plan_settings_from(cfg, gpu, li.rank, li.world_size)).total;
+// The total on the fullest of n_gpus GPUs (one unless device_map auto).
+int64_t total_for(const RunConfig& cfg, const LlamaArch& arch, int64_t batch, const LaunchInfo& li, bool gpu,
+                  int n_gpus = 1) {
+  return plan_fullest_gpu(model_options_from(cfg, arch, batch), plan_settings_from(cfg, gpu, li.rank, li.world_size),
+                          n_gpus)
+      .total;
 }
 
 std::vector<Alternative> alternatives(const RunConfig& cfg, const LlamaArch& arch, int64_t batch, const LaunchInfo& li,
-                                      bool gpu, int64_t budget) {
+                                      bool gpu, int n_devices, int64_t budget) {
   std::vector<Alternative> out;
   RunConfig all = cfg;  // every applicable change together
   int64_t all_batch = batch;
@@ -391,7 +416,7 @@ std::vector<Alternative> alternatives(const RunConfig& cfg, const LlamaArch& arc
   if (batch > 1) {
     int64_t pick = 1;
     for (int64_t b = batch - 1; b > 1; --b)
-      if (batch % b == 0 && total_for(cfg, arch, b, li, gpu) <= budget) {
+      if (batch % b == 0 && total_for(cfg, arch, b, li, gpu, n_devices) <= budget) {
         pick = b;
         break;
       }
@@ -399,7 +424,7 @@ std::vector<Alternative> alternatives(const RunConfig& cfg, const LlamaArch& arc
     out.push_back({"training.per_device_train_batch_size: " + std::to_string(pick) +
                        " with training.gradient_accumulation_steps: " + std::to_string(accum) + " (the same " +
                        std::to_string(batch * cfg.training.gradient_accumulation_steps) + " sequences per step)",
-                   total_for(cfg, arch, pick, li, gpu)});
+                   total_for(cfg, arch, pick, li, gpu, n_devices)});
     all_batch = 1;
     ++n_changes;
   }
@@ -407,14 +432,15 @@ std::vector<Alternative> alternatives(const RunConfig& cfg, const LlamaArch& arc
     RunConfig c = cfg;
     c.model.load_in_4bit = true;
     all.model.load_in_4bit = true;
-    out.push_back({"model.load_in_4bit: true (QLoRA: NF4 base weights)", total_for(c, arch, batch, li, gpu)});
+    out.push_back(
+        {"model.load_in_4bit: true (QLoRA: NF4 base weights)", total_for(c, arch, batch, li, gpu, n_devices)});
     ++n_changes;
   }
   if (cfg.model.gradient_checkpointing == Checkpointing::off) {
     RunConfig c = cfg;
     c.model.gradient_checkpointing = Checkpointing::on;
-    out.push_back(
-        {"model.gradient_checkpointing: true (recompute each layer in backward)", total_for(c, arch, batch, li, gpu)});
+    out.push_back({"model.gradient_checkpointing: true (recompute each layer in backward)",
+                   total_for(c, arch, batch, li, gpu, n_devices)});
   }
   // Offloading moves layer inputs to host memory: nothing gained on the CPU path.
   if (gpu && cfg.model.gradient_checkpointing != Checkpointing::offload) {
@@ -422,14 +448,14 @@ std::vector<Alternative> alternatives(const RunConfig& cfg, const LlamaArch& arc
     c.model.gradient_checkpointing = Checkpointing::offload;
     all.model.gradient_checkpointing = Checkpointing::offload;
     out.push_back({"model.gradient_checkpointing: \"offload\" (layer inputs in host memory)",
-                   total_for(c, arch, batch, li, gpu)});
+                   total_for(c, arch, batch, li, gpu, n_devices)});
     ++n_changes;
   }
   if (cfg.training.optim == "adamw") {
     RunConfig c = cfg;
     c.training.optim = "adamw_8bit";
-    const int64_t t = total_for(c, arch, batch, li, gpu);
-    const int64_t now = total_for(cfg, arch, batch, li, gpu);
+    const int64_t t = total_for(c, arch, batch, li, gpu, n_devices);
+    const int64_t now = total_for(cfg, arch, batch, li, gpu, n_devices);
     if (now - t >= std::max(64 * kMiB, now / 50)) {  // worth saying (full fine-tuning)
       all.training.optim = "adamw_8bit";
       out.push_back({"training.optim: adamw_8bit (8-bit optimizer states)", t});
@@ -438,12 +464,9 @@ std::vector<Alternative> alternatives(const RunConfig& cfg, const LlamaArch& arc
   }
   const int n_gpus = static_cast<int>(li.gpus.size());
   if (gpu && cfg.lora.enabled && n_gpus > 1 && cfg.model.device_map != "auto") {
-    // Roughly: the fullest GPU holds its share of the layers plus the embedding, head and loss chunk.
-    LlamaArch share = arch;
-    share.n_layers = ceil_div(arch.n_layers, n_gpus);
     out.push_back({"model.device_map: auto (the layers spread over the " + std::to_string(n_gpus) +
-                       " visible GPUs), on the fullest GPU about",
-                   total_for(cfg, share, batch, li, gpu)});
+                       " visible GPUs), on the fullest GPU",
+                   total_for(cfg, arch, batch, li, gpu, n_gpus)});
   }
   if (cfg.lora.enabled) {
     out.push_back(
@@ -465,9 +488,10 @@ std::vector<Alternative> alternatives(const RunConfig& cfg, const LlamaArch& arc
   if (n_changes > 1) {
     LaunchInfo l = li;
     if (all.distributed.zero_stage == 1) l.world_size = std::max({li.world_size, n_gpus, 2});
-    out.push_back({"all of the above together", plan_memory(model_options_from(all, arch, all_batch),
-                                                            plan_settings_from(all, gpu, l.rank, l.world_size))
-                                                    .total});
+    out.push_back(
+        {"all of the above together", plan_fullest_gpu(model_options_from(all, arch, all_batch),
+                                                       plan_settings_from(all, gpu, l.rank, l.world_size), n_devices)
+                                          .total});
   }
   return out;
 }
@@ -478,13 +502,12 @@ MemoryCheck check_training_memory(const RunConfig& cfg, const LlamaArch& arch, i
                                   const Placement& placement) {
   MemoryCheck check;
   const bool gpu = placement.use_gpu;
-  // device_map auto over several GPUs: planned, roughly, as the fullest GPU -- its share of the
-  // layers plus the embedding, head and loss chunk.
-  const int64_t n_devices = gpu ? std::max<int64_t>(1, static_cast<int64_t>(placement.devices.size())) : 1;
-  LlamaArch planned = arch;
-  planned.n_layers = ceil_div(arch.n_layers, n_devices);
-  check.plan =
-      plan_memory(model_options_from(cfg, planned, batch), plan_settings_from(cfg, gpu, li.rank, li.world_size));
+  // device_map auto over several GPUs: the plan of the fullest of them, placed as the model places
+  // its layers.
+  const int n_devices = gpu ? std::max(1, static_cast<int>(placement.devices.size())) : 1;
+  int fullest = 0;
+  check.plan = plan_fullest_gpu(model_options_from(cfg, arch, batch),
+                                plan_settings_from(cfg, gpu, li.rank, li.world_size), n_devices, &fullest);
   check.budget = memory_budget(cfg, placement);
   const MemoryPlan& plan = check.plan;
   const std::string mode = cfg.model.gradient_checkpointing == Checkpointing::off       ? "off"
@@ -496,8 +519,8 @@ MemoryCheck check_training_memory(const RunConfig& cfg, const LlamaArch& arch, i
                         : std::string("full fine-tuning")) +
       ", checkpointing " + mode + ", batch " + std::to_string(batch) + " x " +
       std::to_string(cfg.model.max_seq_length) + ", " + cfg.training.optim +
-      (n_devices > 1 ? "; the fullest of " + std::to_string(n_devices) + " GPUs with about " +
-                           std::to_string(planned.n_layers) + " layers each"
+      (n_devices > 1 ? "; the fullest of " + std::to_string(n_devices) +
+                           " GPUs, cuda:" + std::to_string(placement.devices[static_cast<size_t>(fullest)])
                      : "") +
       "):\n";
   check.report = header + plan.table();
@@ -511,7 +534,7 @@ MemoryCheck check_training_memory(const RunConfig& cfg, const LlamaArch& arch, i
   std::string msg = cfg.source + ": this run needs about " + format_bytes(plan.total) + " per " +
                     (gpu ? "GPU" : "rank") + ", more than its budget of " + format_bytes(check.budget->bytes) + " (" +
                     check.budget->what + "):\n" + check.report + "What would lower it (estimated totals):\n";
-  for (const Alternative& alt : alternatives(cfg, planned, batch, li, gpu, check.budget->bytes)) {
+  for (const Alternative& alt : alternatives(cfg, arch, batch, li, gpu, n_devices, check.budget->bytes)) {
     msg += "  - " + alt.change;
     if (alt.total >= 0)
       msg += ": " + format_bytes(alt.total) + (alt.total <= check.budget->bytes ? " (fits)" : " (still over)");

@@ -33,18 +33,11 @@ Optimizer::Optimizer(Backend& backend, ParamGroup& params, const TrainingSection
   const std::vector<ParamSpec>& specs = params.specs;
   for (size_t i = 0; i < specs.size(); ++i)
     RT_ASSERT(specs[i].offset == (i ? specs[i - 1].offset + specs[i - 1].numel : 0), "trainable tensors are packed");
-  // Shards: consecutive whole tensors, each cut made at the tensor boundary nearest to r/world of
-  // all elements (so one large tensor, the embedding, may make the shards uneven).
+  // Shards: consecutive whole tensors (so one large tensor, the embedding, may make them uneven).
   const int world = zero_ ? zero_->world_size() : 1;
-  std::vector<size_t> cuts{0};
-  for (int r = 1; r < world; ++r) {
-    const int64_t target = params.numel * r / world;
-    size_t i = cuts.back();
-    while (i < specs.size() && specs[i].offset + specs[i].numel <= target) ++i;
-    if (i < specs.size() && specs[i].offset + specs[i].numel - target < target - specs[i].offset) ++i;
-    cuts.push_back(i);
-  }
-  cuts.push_back(specs.size());
+  std::vector<int64_t> sizes;
+  for (const ParamSpec& p : specs) sizes.push_back(p.numel);
+  const std::vector<size_t> cuts = zero_shard_cuts(sizes, world);
   for (int r = 0; r < world; ++r) {
     shards_.push_back(shard_of(cuts[static_cast<size_t>(r)], cuts[static_cast<size_t>(r) + 1]));
     offsets_.push_back(shards_.back().begin);
@@ -87,6 +80,22 @@ Optimizer::Optimizer(Backend& backend, ParamGroup& params, const TrainingSection
     master_ = master_buf_.as(DType::f32, {n});
     if (n > 0) be_.copy(master_, params.compute.flat_slice(mine_.begin, n));
   }
+}
+
+std::vector<size_t> zero_shard_cuts(const std::vector<int64_t>& tensor_sizes, int world) {
+  std::vector<int64_t> offsets{0};
+  for (int64_t n : tensor_sizes) offsets.push_back(offsets.back() + n);
+  const size_t n_tensors = tensor_sizes.size();
+  std::vector<size_t> cuts{0};
+  for (int r = 1; r < world; ++r) {
+    const int64_t target = offsets.back() * r / world;
+    size_t i = cuts.back();
+    while (i < n_tensors && offsets[i + 1] <= target) ++i;
+    if (i < n_tensors && offsets[i + 1] - target < target - offsets[i]) ++i;
+    cuts.push_back(i);
+  }
+  cuts.push_back(n_tensors);
+  return cuts;
 }
 
 Optimizer::Shard Optimizer::shard_of(size_t first, size_t last) const {

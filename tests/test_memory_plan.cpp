@@ -125,9 +125,40 @@ TEST(MemoryPlan, EqualsWhatACpuModelAllocates) {
   }
 }
 
+// device_map auto: the plans of the stages, placed by balance_stages, add up to what a model spread
+// over as many (CPU) backends allocates: its base weights per stage, and its activations.
+TEST(MemoryPlan, StagePlansAddUpToAStagedModel) {
+  for (Checkpointing mode : {Checkpointing::on, Checkpointing::off}) {
+    Case c{"stages", true, mode, kAll, 0.f, "adamw", true, 2, 2, 9, 0};
+    ModelOptions o = options_of(c);
+    o.arch.n_layers = 5;
+    o.stage_layers = balance_stages(o, 3, 4);
+    std::vector<std::unique_ptr<Backend>> backends;
+    std::vector<Backend*> stage_backends;
+    for (int i = 0; i < 3; ++i) {
+      backends.push_back(make_cpu_backend());
+      stage_backends.push_back(backends.back().get());
+    }
+    LlamaModel model(stage_backends, o);
+    PlanSettings s;
+    s.gpu = false;
+    int64_t activations = 0;
+    for (size_t st = 0; st < 3; ++st) {
+      s.stage_layers = o.stage_layers[st];
+      s.first_stage = st == 0;
+      const MemoryPlan plan = plan_memory(o, s);
+      EXPECT_EQ(plan.weights - (st == 0 ? static_cast<int64_t>(model.lora().compute_buf.bytes()) : 0),
+                static_cast<int64_t>(model.base().stage_bufs[st].bytes()))
+          << "stage " << st;
+      EXPECT_EQ(plan.gradients, st == 0 ? static_cast<int64_t>(model.lora().grad_buf.bytes()) : 0) << "stage " << st;
+      activations += plan.activations + plan.logits_chunk;
+    }
+    EXPECT_EQ(activations, model.activation_bytes());
+  }
+}
+
 // Offloaded checkpointing keeps two layer inputs on the device; the others go to pinned host
-// memory. Compared with the model once model.cpp implements it (until then the model allocates
-// every layer input as with checkpointing on).
+// memory.
 TEST(MemoryPlan, OffloadKeepsTwoLayerInputsOnTheDevice) {
   auto cpu = make_cpu_backend();
   Case c{"offload", true, Checkpointing::offload, kAll, 0.f, "adamw", false, 2, 2, 9, 0};

@@ -93,6 +93,8 @@ class Communicator {
   void barrier(const std::string& what);
 
  protected:
+  // One value over ranks (MPI_Iallreduce) under the watchdog.
+  void host_allreduce(const void* in, void* out, MPI_Datatype type, MPI_Op op, const std::string& what);
   // Waits for MPI requests under the watchdog.
   void wait_mpi(std::vector<MPI_Request>& requests, const std::function<void()>& on_abort = {});
 

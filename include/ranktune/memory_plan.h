@@ -25,6 +25,11 @@ struct PlanSettings {
   int world_size = 1;
   int zero_stage = 0;       // 1: optimizer states and masters of full fine-tuning sharded over ranks
   bool generation = false;  // the run generates at its end (a KV cache of [B, T] per layer)
+  // device_map auto: plan one GPU of the model, holding stage_layers of its layers (-1: all); the
+  // first also holds the embedding, final norm, head, loss chunk and the LoRA adapters with their
+  // gradients and optimizer states (LlamaModel's placement).
+  int64_t stage_layers = -1;
+  bool first_stage = true;
 };
 
 // Bytes per term on the device. The terms are exact sums of what is asked of the allocator;
@@ -54,6 +59,10 @@ struct MemoryPlan {
 };
 
 MemoryPlan plan_memory(const ModelOptions& options, const PlanSettings& settings);
+// The plan of the fullest of n_gpus GPUs, with the layers placed as device_map auto places them
+// (balance_stages); plan_memory itself for one GPU. `fullest` receives that GPU's stage index.
+MemoryPlan plan_fullest_gpu(const ModelOptions& options, const PlanSettings& settings, int n_gpus,
+                            int* fullest = nullptr);
 
 // The settings of a run on this rank (gpu: the CUDA path).
 PlanSettings plan_settings_from(const RunConfig& cfg, bool gpu, int rank, int world_size);

@@ -32,6 +32,11 @@ struct OptimizerState {
 // (each rank receives the sum of its shard), each rank updates its shard, and the updated compute
 // copies are all-gathered. Checkpoints hold the whole state, gathered to rank 0, in the same
 // layout as without ZeRO, so a run may resume with or without it and on any number of ranks.
+// ZeRO-1's shards of tensors of these sizes (in order) over `world` ranks: the index of each
+// shard's first tensor, world + 1 of them; each cut is at the tensor boundary nearest to r/world of
+// all elements.
+std::vector<size_t> zero_shard_cuts(const std::vector<int64_t>& tensor_sizes, int world);
+
 class Optimizer {
  public:
   // zero: the communicator to shard over (ZeRO-1), or null for a whole copy on every rank.
