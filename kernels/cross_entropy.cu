@@ -1,9 +1,12 @@
-// Cross-entropy over a chunk of f32 logits, with the gradient written in the same launch.
+// Cross-entropy over a chunk of logits (bf16 from the LM head's GEMM, or f32), with the gradient
+// written in the same launch, over the logits themselves when the caller passes the same buffer.
 // One block per row. Pass 1 reads the row once with an online max/sum (each thread keeps a running
 // max m and sum s of exp(x - m), rescaling s when m grows), so the row's log-sum-exp costs one read
 // instead of a max pass plus a sum pass; the (m, s) pairs are then merged across the block. Pass 2
 // re-reads the row and writes dlogits = grad_scale * (softmax - onehot) as bf16. A vocabulary row
-// (128256 f32 = 501 KiB) is far beyond what a block can hold on chip, hence the second read.
+// (128256 f32 = 501 KiB) is far beyond what a block can hold on chip, hence the second read. In
+// place is safe because each element is read and then written by the same thread, and the target's
+// logit (for the loss) is read by every thread before any thread writes.
 #include "cuda_check.h"
 #include "kernels.h"
 #include "vec.cuh"
@@ -42,14 +45,14 @@ __device__ MaxSum block_merge(MaxSum v, MaxSum* shared) {
 }
 
 // Targets outside [0, vocab) (-100 by convention) mark ignored rows: loss 0, gradient 0.
-template <int kVec>
+template <int kVec, class T>
 __global__ void __launch_bounds__(kMaxThreads)
-    cross_entropy_kernel(float* losses, bf16* dlogits, const float* logits, const int32_t* targets,
+    cross_entropy_kernel(float* losses, bf16* dlogits, const T* logits, const int32_t* targets,
                          int64_t vocab, float grad_scale) {
   __shared__ MaxSum shared[32];
   const int64_t row = blockIdx.x;
   const int32_t target = targets[row];
-  const float* x = logits + row * vocab;
+  const T* x = logits + row * vocab;
   const int64_t n_chunks = vocab / kVec;
   const bool ignored = target < 0 || target >= vocab;
 
@@ -65,6 +68,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     return;
   }
 
+  float target_logit;
+  load_floats<1>(x + target, &target_logit);
   MaxSum acc{-INFINITY, 0.f};
   for (int64_t c = threadIdx.x; c < n_chunks; c += blockDim.x) {
     float v[kVec];
@@ -81,7 +86,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
   acc = block_merge(acc, shared);
   const float lse = acc.m + logf(acc.s);
-  if (threadIdx.x == 0) losses[row] = lse - x[target];
+  if (threadIdx.x == 0) losses[row] = lse - target_logit;
   if (!dlogits) return;
 
   for (int64_t c = threadIdx.x; c < n_chunks; c += blockDim.x) {
@@ -100,20 +105,24 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 // ---- Kernel launchers ---------------------------------------------------------------------------
 
-void cross_entropy(float* losses, bf16* dlogits, const float* logits, const int32_t* targets,
-                   int64_t n_rows, int64_t vocab, float grad_scale, cudaStream_t s) {
+template <class T>
+void cross_entropy(float* losses, bf16* dlogits, const T* logits, const int32_t* targets, int64_t n_rows,
+                   int64_t vocab, float grad_scale, cudaStream_t s) {
   if (n_rows == 0) return;
   const bool vec = vocab % 8 == 0 && aligned16(logits) && (!dlogits || aligned16(dlogits));
   if (vec) {
-    cross_entropy_kernel<8>
-        <<<static_cast<unsigned>(n_rows), threads_for(vocab / 8, kMaxThreads), 0, s>>>(
-            losses, dlogits, logits, targets, vocab, grad_scale);
+    cross_entropy_kernel<8><<<static_cast<unsigned>(n_rows), threads_for(vocab / 8, kMaxThreads), 0, s>>>(
+        losses, dlogits, logits, targets, vocab, grad_scale);
   } else {
-    cross_entropy_kernel<1>
-        <<<static_cast<unsigned>(n_rows), threads_for(vocab, kMaxThreads), 0, s>>>(
-            losses, dlogits, logits, targets, vocab, grad_scale);
+    cross_entropy_kernel<1><<<static_cast<unsigned>(n_rows), threads_for(vocab, kMaxThreads), 0, s>>>(
+        losses, dlogits, logits, targets, vocab, grad_scale);
   }
   cudaCheckLaunch();
 }
+
+template void cross_entropy<float>(float*, bf16*, const float*, const int32_t*, int64_t, int64_t, float,
+                                   cudaStream_t);
+template void cross_entropy<bf16>(float*, bf16*, const bf16*, const int32_t*, int64_t, int64_t, float,
+                                  cudaStream_t);
 
 }  // namespace ranktune::kernels

@@ -71,9 +71,10 @@ void swiglu_backward(bf16* dgate, bf16* dup, int64_t ld_dgu, const bf16* dh, con
                      const bf16* up, int64_t ld_gu, int64_t n_rows, int64_t ffn, cudaStream_t s);
 
 // ---- cross_entropy.cu ----------------------------------------------------------------------------
-// dlogits may be null (forward only).
-void cross_entropy(float* losses, bf16* dlogits, const float* logits, const int32_t* targets,
-                   int64_t n_rows, int64_t vocab, float grad_scale, cudaStream_t s);
+// logits f32 or bf16; dlogits may be null (forward only) or the logits themselves (bf16, in place).
+template <class T>
+void cross_entropy(float* losses, bf16* dlogits, const T* logits, const int32_t* targets, int64_t n_rows,
+                   int64_t vocab, float grad_scale, cudaStream_t s);
 
 // ---- attention.cu (flash-style, causal, GQA) -----------------------------------------------------
 // q/k/v/out/dq/dk/dv are row-major with the given row strides (elements); head h of row n starts

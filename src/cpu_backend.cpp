@@ -716,7 +716,8 @@ class CpuBackend final : public Backend {
     const bool want_grad = !dlogits.empty();
     if (want_grad) {
       check_same_matrix(dlogits, "cross_entropy dlogits", logits, "cross_entropy logits");
-      RT_ASSERT(dlogits.data != logits.data, "cross_entropy dlogits may not alias logits");
+      // In place (dlogits == logits) is fine: a row's log-sum-exp and target logit are read before
+      // its gradient overwrites it, element by element.
     }
     const int32_t* target = targets.ptr<int32_t>();
     for (int64_t n = 0; n < n_rows; ++n)

@@ -563,15 +563,22 @@ class CudaBackend final : public Backend {
                      float grad_scale) override {
     use_device();
     const int64_t n_rows = logits.rows(), vocab = logits.cols();
-    check_contiguous(logits, DType::f32, n_rows * vocab, "cross_entropy logits");
+    check_contiguous(logits, logits.dtype == DType::bf16 ? DType::bf16 : DType::f32, n_rows * vocab,
+                     "cross_entropy logits");
     check_contiguous(losses, DType::f32, n_rows, "cross_entropy losses");
     check_contiguous(targets, DType::i32, n_rows, "cross_entropy targets");
     if (!dlogits.empty()) {
       check_contiguous(dlogits, DType::bf16, n_rows * vocab, "cross_entropy dlogits");
       RT_ASSERT(dlogits.cols() == vocab, "cross_entropy dlogits " + dlogits.describe());
+      RT_ASSERT(dlogits.data == logits.data || logits.dtype == DType::f32,
+                "cross_entropy: bf16 dlogits either in place over the logits or apart from f32 logits");
     }
-    kernels::cross_entropy(losses.ptr<float>(), data_or_null<bf16>(dlogits), logits.ptr<float>(),
-                           targets.ptr<int32_t>(), n_rows, vocab, grad_scale, stream());
+    if (logits.dtype == DType::bf16)
+      kernels::cross_entropy(losses.ptr<float>(), data_or_null<bf16>(dlogits), logits.ptr<bf16>(),
+                             targets.ptr<int32_t>(), n_rows, vocab, grad_scale, stream());
+    else
+      kernels::cross_entropy(losses.ptr<float>(), data_or_null<bf16>(dlogits), logits.ptr<float>(),
+                             targets.ptr<int32_t>(), n_rows, vocab, grad_scale, stream());
   }
 
   // ---- optimizers ----------------------------------------------------------------------------

@@ -29,8 +29,6 @@ constexpr int64_t kSumSquaresScratch = (1024 + 1) * 8;  // kernels/common.cu: kS
 // rmsnorm_backward's weight-gradient partials (full fine-tuning only): one row of C floats per
 // resident block, min(N, blocks per SM x SMs); 2048 bounds it on every GPU we build for.
 constexpr int64_t kRmsnormPartialRows = 2048;
-// model.cpp: f32 logits per loss chunk; larger when the head's weight gradient is trained.
-constexpr int64_t kLossChunkBytes = 64 * kMiB, kLossChunkBytesFull = 256 * kMiB;
 
 // Not sized by ranktune, so estimated:
 // - cuBLAS's handle (the cublasGemmEx fallback) takes its default workspace on first use: 32 MiB
@@ -226,15 +224,11 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   // ---- activations: LlamaModel::allocate_activations, group by group -----------------------------
   const int64_t B = o.max_batch, T = o.max_seq, N = B * T, C = a.hidden_size, F = a.intermediate_size, V = a.vocab_size,
                 H = a.n_heads, Q = a.q_dim(), QKV = a.qkv_dim();
-  int64_t chunk = o.loss_chunk_rows > 0
-                      ? o.loss_chunk_rows
-                      : std::max<int64_t>(
-                            1, std::min<int64_t>(N, (o.train_base ? kLossChunkBytesFull : kLossChunkBytes) / (V * 4)));
-  chunk = std::min(chunk, N);
+  const int64_t chunk = loss_chunk_rows(a, o.train_base, N, act, o.loss_chunk_rows);
   p.loss_chunk_rows = chunk;
   const int64_t r = std::max<int64_t>(o.lora_r, 1);
   const int64_t drop_rows = o.lora_dropout > 0 ? N : 1, widest = std::max({C, F, Q});
-  p.logits_chunk = first ? carved(chunk * V, 4) + carved(chunk * V, act) : 0;
+  p.logits_chunk = first ? carved(chunk * V, act) : 0;
   // The inputs and the head on the first GPU; the rest on every GPU.
   const int64_t head = first ? 2 * carved(N, 4)                             // tokens, targets
                                    + 2 * carved(N * C, act) + carved(N, 4)  // x_final, ln_final, rstd_final
@@ -274,7 +268,7 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
                         (n_sets > 1 ? "s" : "") + " x " + format_bytes(set) + ", inputs and backward buffers " +
                         format_bytes(globals - p.logits_chunk);
   p.notes.logits_chunk =
-      std::to_string(chunk) + " rows x " + std::to_string(V) + " vocab: f32 logits + " + act_name + " dlogits";
+      std::to_string(chunk) + " rows x " + std::to_string(V) + " vocab, " + act_name + " logits, dlogits in place";
 
   // ---- workspaces: the CUDA backend's buffers and scratch ---------------------------------------
   std::string ws_note;

@@ -155,6 +155,20 @@ Tensor sequence_rows(Tensor cache, int64_t b, int64_t n) {
   return cache.view({cache.dim(0) * max_len, cols}).row_slice(b * max_len, n);
 }
 
+// A contiguous f32 or bf16 tensor appended to a host vector as floats (logits for tests and decoding).
+void append_floats(Backend& be, std::vector<float>* out, const Tensor& t) {
+  const size_t n = static_cast<size_t>(t.numel()), at = out->size();
+  out->resize(at + n);
+  if (t.dtype == DType::f32) {
+    be.download(out->data() + at, t);
+    return;
+  }
+  RT_ASSERT(t.dtype == DType::bf16, "append_floats: f32 or bf16, got " + t.describe());
+  std::vector<uint16_t> raw(n);
+  be.download(raw.data(), t);
+  for (size_t i = 0; i < n; ++i) (*out)[at + i] = bf16_to_f32(raw[i]);
+}
+
 uint64_t mix_seed(uint64_t seed, uint64_t a, uint64_t b) {
   uint64_t s = seed ^ (a * 0x9E3779B97F4A7C15ull) ^ (b * 0xC2B2AE3D27D4EB4Full);
   return splitmix(s);
@@ -374,13 +388,7 @@ void LlamaModel::allocate_activations() {
   T_ = opt_.max_seq;
   N_ = B_ * T_;
   const int64_t N = N_, C = a.hidden_size, F = a.intermediate_size, V = a.vocab_size, H = a.n_heads;
-  // Logits chunks of 64 MiB (f32) keep LoRA's memory low; when the head's weight gradient is
-  // trained each chunk also reads and writes the whole fp32 [V, C] gradient (with 64 MiB chunks
-  // that was a quarter of a full fine-tuning step on an H100), so full fine-tuning takes 256 MiB.
-  const int64_t chunk_bytes = opt_.train_base ? (256LL << 20) : (64LL << 20);
-  loss_chunk_ = opt_.loss_chunk_rows > 0 ? opt_.loss_chunk_rows
-                                         : std::max<int64_t>(1, std::min<int64_t>(N, chunk_bytes / (V * 4)));
-  loss_chunk_ = std::min(loss_chunk_, N);
+  loss_chunk_ = loss_chunk_rows(a, opt_.train_base, N, static_cast<int64_t>(dtype_size(act)), opt_.loss_chunk_rows);
 
   // Sizes are listed once, then carved out of one buffer per group, on the stage's backend.
   struct Want {
@@ -417,8 +425,7 @@ void LlamaModel::allocate_activations() {
               {&ln_final_, act, {N, C}},
               {&rstd_final_, DType::f32, {N}},
               {&losses_, DType::f32, {N}},
-              {&logits_, DType::f32, {loss_chunk_, V}},
-              {&dlogits_, act, {loss_chunk_, V}}});
+              {&logits_, act, {loss_chunk_, V}}});
   // What every stage's layers use: positions, rotary tables, the projection output and the
   // backward scratch.
   const std::vector<float> inv = rope_inv_freq(a);
@@ -860,8 +867,10 @@ void LlamaModel::forward(const ModelInputs& in, bool training, uint64_t dropout_
   be_.wait_for(be(last));  // the head reads the last stage's output
 }
 
-// The LM head fused with cross-entropy, chunk by chunk: logits = ln_final W^T (f32), loss per row,
-// and in training dlogits -> d ln_final (into the first stage's dln) and the head's weight gradient.
+// The LM head fused with cross-entropy, chunk by chunk: logits = ln_final W^T in the activation
+// dtype (bf16 on the GPU, as under HF's autocast; the softmax runs in fp32), loss per row, and in
+// training dlogits (written over the logits) -> d ln_final (into the first stage's dln) and the
+// head's weight gradient.
 double LlamaModel::head_loss(int64_t n_rows, bool backward, float grad_scale, std::vector<float>* logits_out) {
   const LlamaArch& a = opt_.arch;
   const int64_t V = a.vocab_size, C = a.hidden_size;
@@ -871,17 +880,14 @@ double LlamaModel::head_loss(int64_t n_rows, bool backward, float grad_scale, st
   auto pass = [&](float beta, Tensor dw) {
     for (int64_t r0 = 0; r0 < n_rows; r0 += loss_chunk_) {
       const int64_t n = std::min(loss_chunk_, n_rows - r0);
-      Tensor logits = logits_.row_slice(0, n), dlogits = dlogits_.row_slice(0, n);
+      Tensor logits = logits_.row_slice(0, n);
       Tensor x = ln_final_.row_slice(r0, n);
       be_.matmul(logits, x, w, false, true, 1.f, 0.f);
-      be_.cross_entropy(losses_.flat_slice(r0, n), backward ? dlogits : Tensor(), logits,
-                        targets_.flat_slice(r0, n), grad_scale);
-      if (logits_out) {
-        std::vector<float> chunk(static_cast<size_t>(n * V));
-        be_.download(chunk.data(), logits);
-        logits_out->insert(logits_out->end(), chunk.begin(), chunk.end());
-      }
+      if (logits_out) append_floats(be_, logits_out, logits);
+      be_.cross_entropy(losses_.flat_slice(r0, n), backward ? logits : Tensor(), logits, targets_.flat_slice(r0, n),
+                        grad_scale);
       if (!backward) continue;
+      const Tensor& dlogits = logits;
       be_.matmul(dln.row_slice(r0, n), dlogits, w, false, false, 1.f, 0.f);
       if (!dw.empty()) be_.matmul(dw, dlogits, x, true, false, 1.f, r0 == 0 ? beta : 1.f);
     }
@@ -970,12 +976,13 @@ std::vector<float> LlamaModel::head_logits(int64_t n_rows) {
   const LlamaArch& a = opt_.arch;
   const int64_t V = a.vocab_size;
   Tensor w = base_weight(-1, a.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");
-  std::vector<float> logits(static_cast<size_t>(n_rows * V));
+  std::vector<float> logits;
+  logits.reserve(static_cast<size_t>(n_rows * V));
   for (int64_t r0 = 0; r0 < n_rows; r0 += loss_chunk_) {
     const int64_t n = std::min(loss_chunk_, n_rows - r0);
     Tensor chunk = logits_.row_slice(0, n);
     be_.matmul(chunk, ln_final_.row_slice(r0, n), w, false, true, 1.f, 0.f);
-    be_.download(logits.data() + r0 * V, chunk);
+    append_floats(be_, &logits, chunk);
   }
   return logits;
 }

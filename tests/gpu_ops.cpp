@@ -691,6 +691,19 @@ TEST_F(GpuOps, CrossEntropyLargeVocabWithIgnoredRows) {
     Mat losses_only = Mat::vec(gpu(), DType::f32, n);
     gpu().cross_entropy(losses_only.view, Tensor(), logits.gpu.view, targets.gpu.view, grad_scale);
     EXPECT_TRUE(bitwise_equal(losses_only.get(), loss)) << "forward only, " << where;
+
+    // bf16 logits with the gradient written over them (the model's LM head): bitwise what f32
+    // logits holding the same bf16-rounded values give.
+    std::vector<float> rounded = logits.gpu.get();
+    for (float& v : rounded) v = ranktune::bf16_to_f32(ranktune::f32_to_bf16(v));
+    Mat rounded_f32(gpu(), DType::f32, n, vocab), in_place(gpu(), DType::bf16, n, vocab);
+    rounded_f32.set(rounded);
+    in_place.set(rounded);
+    Mat losses_f32 = Mat::vec(gpu(), DType::f32, n), losses_bf16 = Mat::vec(gpu(), DType::f32, n);
+    gpu().cross_entropy(losses_f32.view, dlogits.gpu.view, rounded_f32.view, targets.gpu.view, grad_scale);
+    gpu().cross_entropy(losses_bf16.view, in_place.view, in_place.view, targets.gpu.view, grad_scale);
+    EXPECT_TRUE(bitwise_equal(losses_bf16.get(), losses_f32.get())) << "bf16 in place, losses, " << where;
+    EXPECT_TRUE(bitwise_equal(in_place.get(), dlogits.gpu.get())) << "bf16 in place, dlogits, " << where;
   }
 }
 

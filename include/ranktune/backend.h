@@ -163,9 +163,9 @@ class Backend {
   virtual void swiglu_backward(Tensor dgate, Tensor dup, Tensor dh, Tensor gate, Tensor up) = 0;
 
   // ---- cross-entropy over a chunk of logits ----------------------------------------------------
-  // logits [n,V] f32, targets [n] i32 (-100 = ignored), losses [n] f32 (0 for ignored rows).
+  // logits [n,V] act (the GPU also takes f32), targets [n] i32 (-100 = ignored), losses [n] f32 (0 for ignored rows).
   // If dlogits [n,V] act is non-empty: dlogits = grad_scale * (softmax(logits) - onehot(target)),
-  // and 0 for ignored rows. logits and dlogits may not alias.
+  // and 0 for ignored rows. dlogits may be logits itself (in place; the model does that).
   virtual void cross_entropy(Tensor losses, Tensor dlogits, Tensor logits, Tensor targets,
                              float grad_scale) = 0;
 

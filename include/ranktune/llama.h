@@ -1,6 +1,7 @@
 // The Llama architecture (as HF transformers' LlamaForCausalLM computes it) and the layout of its
 // parameters in ranktune's flat buffers.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -55,6 +56,19 @@ inline std::pair<int64_t, int64_t> projection_shape(const LlamaArch& a, const st
   if (module == "gate_proj" || module == "up_proj") out = a.intermediate_size;
   if (module == "down_proj") in = a.intermediate_size;
   return {out, in};
+}
+
+// Rows of logits per loss chunk: the LM head and cross-entropy run chunk by chunk so the N x vocab
+// logits never exist whole. A chunk is one [rows, vocab] buffer in the activation dtype (the
+// gradient overwrites the logits in place). LoRA keeps it at 96 MiB for memory; when the head's
+// weight is trained every chunk also reads and writes the whole fp32 [vocab, hidden] gradient (1 GB
+// at the 1B shape), so full fine-tuning takes 512 MiB (two chunks at 2 x 2048 tokens in bf16).
+// `requested` > 0 overrides the choice (tests). Shared by the model and the memory plan.
+inline int64_t loss_chunk_rows(const LlamaArch& a, bool train_base, int64_t n_rows, int64_t act_bytes,
+                               int64_t requested) {
+  const int64_t budget = (train_base ? 512LL : 96LL) << 20;
+  const int64_t rows = requested > 0 ? requested : std::max<int64_t>(1, budget / (a.vocab_size * act_bytes));
+  return std::min(rows, n_rows);
 }
 
 // One tensor of the model with its HF name ("model.layers.3.self_attn.q_proj.weight") and its

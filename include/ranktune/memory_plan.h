@@ -41,7 +41,7 @@ struct MemoryPlan {
   int64_t gradients = 0;         // fp32, one slot per trained tensor
   int64_t optimizer = 0;         // AdamW m and v (fp32, or 8-bit codes + block absmax)
   int64_t activations = 0;       // inputs, layer inputs / per-layer sets, backward buffers
-  int64_t logits_chunk = 0;      // the loss chunk: f32 logits + dlogits, [chunk rows, vocab]
+  int64_t logits_chunk = 0;      // the loss chunk: [chunk rows, vocab] logits, dlogits in place
   int64_t workspace = 0;         // cuBLASLt workspace, op scratch, NF4 dequantization buffer
   int64_t runtime_overhead = 0;  // see above
   int64_t kv_cache = 0;          // generation at the end of the run

@@ -246,7 +246,7 @@ class LlamaModel {
   std::vector<Tensor> host_inputs_;
   std::vector<int> to_host_ticket_;
   int slot_holds_[2] = {-1, -1};  // the layer whose input each device slot holds
-  Tensor x_final_, ln_final_, rstd_final_, losses_, logits_, dlogits_;
+  Tensor x_final_, ln_final_, rstd_final_, losses_, logits_;  // logits_: one loss chunk, dlogits in place
   bool have_doc_ids_ = false;
   KvCache kv_;
   Pass pass_ = Pass::normal;
