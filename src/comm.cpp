@@ -178,24 +178,50 @@ void Communicator::barrier(const std::string& what) {
 
 // ---- data-parallel gradient reduction ----------------------------------------------------------
 
-GradReducer::GradReducer(Communicator& comm, ParamGroup& params, int n_layers, bool all_reduce)
-    : comm_(comm), grad_(params.grad), all_reduce_(all_reduce) {
-  runs_.resize(static_cast<size_t>(n_layers + 1));
+GradReducer::GradReducer(Communicator& comm, ParamGroup& params, int n_layers,
+                         const std::vector<int64_t>* shard_offsets)
+    : comm_(comm), grad_(params.grad), sharded_(shard_offsets != nullptr) {
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> runs(static_cast<size_t>(n_layers + 1));
   for (const ParamSpec& p : params.specs) {
-    auto& runs = runs_[static_cast<size_t>(p.layer >= 0 ? p.layer : n_layers)];
-    if (!runs.empty() && runs.back().first + runs.back().second == p.offset)
-      runs.back().second += p.numel;
+    auto& r = runs[static_cast<size_t>(p.layer >= 0 ? p.layer : n_layers)];
+    if (!r.empty() && r.back().first + r.back().second == p.offset)
+      r.back().second += p.numel;
     else
-      runs.push_back({p.offset, p.numel});
+      r.push_back({p.offset, p.numel});
+  }
+  RT_ASSERT(!sharded_ || static_cast<int>(shard_offsets->size()) == comm.world_size() + 1,
+            "one shard offset per rank, and the end");
+  pieces_.resize(runs.size());
+  for (size_t b = 0; b < runs.size(); ++b) {
+    for (const auto& [offset, n] : runs[b]) {
+      if (!sharded_) {
+        pieces_[b].push_back({offset, n, -1});
+        continue;
+      }
+      // Shard r is [offsets[r], offsets[r+1]); a run of adjacent tensors may span several.
+      const std::vector<int64_t>& cut = *shard_offsets;
+      for (int r = 0; r < comm.world_size(); ++r) {
+        const int64_t begin = std::max(offset, cut[static_cast<size_t>(r)]);
+        const int64_t end = std::min(offset + n, cut[static_cast<size_t>(r) + 1]);
+        if (begin < end) pieces_[b].push_back({begin, end - begin, r});
+      }
+    }
   }
 }
 
 void GradReducer::reduce_bucket(int bucket) {
-  if (!all_reduce_) return;
-  for (const auto& [offset, n] : runs_[static_cast<size_t>(bucket)]) comm_.start_sum(grad_.flat_slice(offset, n));
+  for (const Piece& p : pieces_[static_cast<size_t>(bucket)]) {
+    if (p.owner < 0)
+      comm_.start_sum(grad_.flat_slice(p.offset, p.numel));
+    else
+      comm_.start_reduce(grad_.flat_slice(p.offset, p.numel), p.owner);
+  }
 }
 
-void GradReducer::finish(int64_t step) { comm_.finish_sums("the gradient all-reduce of step " + std::to_string(step)); }
+void GradReducer::finish(int64_t step) {
+  comm_.finish_started(std::string(sharded_ ? "the gradient reduce to the shards' owners" : "the gradient all-reduce") +
+                       " of step " + std::to_string(step));
+}
 
 // ---- MPI: the CPU path
 // ---------------------------------------------------------------------------
@@ -210,53 +236,49 @@ class MpiCommunicator final : public Communicator {
 
   void start_sum(Tensor x) override {
     if (world_ == 1) return;
-    check(x, "start_sum");
+    check(x, "start_sum", false);
     pending_.push_back(MPI_REQUEST_NULL);
-    MPI_Iallreduce(MPI_IN_PLACE, x.ptr<float>(), static_cast<int>(x.numel()), MPI_FLOAT, MPI_SUM, comm_,
-                   &pending_.back());
+    MPI_Iallreduce(MPI_IN_PLACE, x.data, count(x), MPI_FLOAT, MPI_SUM, comm_, &pending_.back());
   }
 
-  void finish_sums(const std::string& what) override {
+  void start_reduce(Tensor x, int root) override {
+    if (world_ == 1) return;
+    check(x, "start_reduce", false);
+    RT_ASSERT(root >= 0 && root < world_, "start_reduce: a root rank in the world");
+    pending_.push_back(MPI_REQUEST_NULL);
+    // The root sums into its own x; the others only send theirs.
+    MPI_Ireduce(rank_ == root ? MPI_IN_PLACE : x.data, rank_ == root ? x.data : nullptr, count(x), MPI_FLOAT, MPI_SUM,
+                root, comm_, &pending_.back());
+  }
+
+  void start_broadcast(Tensor x, int root) override {
+    if (world_ == 1) return;
+    check(x, "start_broadcast", true);
+    RT_ASSERT(root >= 0 && root < world_, "start_broadcast: a root rank in the world");
+    pending_.push_back(MPI_REQUEST_NULL);
+    // A copy does no arithmetic, so bf16 travels as its 16-bit pattern.
+    MPI_Ibcast(x.data, count(x), x.dtype == DType::bf16 ? MPI_UINT16_T : MPI_FLOAT, root, comm_, &pending_.back());
+  }
+
+  void finish_started(const std::string& what) override {
     if (world_ == 1 || pending_.empty()) return;
     watchdog_.enter(what);
     wait_mpi(pending_);
     pending_.clear();
   }
 
-  void reduce_scatter_sum(Tensor full, const std::vector<int64_t>& offsets) override {
-    check(full, "reduce_scatter_sum");
-    if (world_ == 1) return;
-    watchdog_.enter("the gradient reduce-scatter");
-    std::vector<int> counts = shard_counts(offsets);
-    std::vector<float> mine(static_cast<size_t>(counts[static_cast<size_t>(rank_)]));
-    std::vector<MPI_Request> req(1);
-    MPI_Ireduce_scatter(full.ptr<float>(), mine.data(), counts.data(), MPI_FLOAT, MPI_SUM, comm_, &req[0]);
-    wait_mpi(req);
-    std::copy(mine.begin(), mine.end(), full.ptr<float>() + offsets[static_cast<size_t>(rank_)]);
-  }
-
-  void all_gather(Tensor full, const std::vector<int64_t>& offsets) override {
-    check(full, "all_gather");
-    if (world_ == 1) return;
-    watchdog_.enter("the weight all-gather");
-    std::vector<int> counts = shard_counts(offsets), displs(offsets.begin(), offsets.end() - 1);
-    std::vector<MPI_Request> req(1);
-    MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, full.ptr<float>(), counts.data(), displs.data(), MPI_FLOAT,
-                    comm_, &req[0]);
-    wait_mpi(req);
-  }
-
  private:
-  static void check(const Tensor& x, const char* op) {
-    RT_ASSERT(x.device == Device::cpu && x.dtype == DType::f32 && x.contiguous(),
-              std::string("MPI ") + op + ": a contiguous f32 host tensor");
+  static void check(const Tensor& x, const char* op, bool bf16_too) {
+    RT_ASSERT(
+        x.device == Device::cpu && (x.dtype == DType::f32 || (bf16_too && x.dtype == DType::bf16)) && x.contiguous(),
+        std::string("MPI ") + op +
+            (bf16_too ? ": a contiguous f32 or bf16 host tensor" : ": a contiguous f32 host tensor"));
   }
-  std::vector<int> shard_counts(const std::vector<int64_t>& offsets) const {
-    RT_ASSERT(static_cast<int>(offsets.size()) == world_ + 1, "one shard per rank");
-    std::vector<int> counts;
-    for (int r = 0; r < world_; ++r)
-      counts.push_back(static_cast<int>(offsets[static_cast<size_t>(r) + 1] - offsets[static_cast<size_t>(r)]));
-    return counts;
+  // MPI counts are ints: a piece of 2^31 elements or more would need chunking, which the CPU path's
+  // model sizes have not called for.
+  static int count(const Tensor& x) {
+    RT_ASSERT(x.numel() < (int64_t{1} << 31), "an MPI collective over 2^31 elements or more");
+    return static_cast<int>(x.numel());
   }
   std::vector<MPI_Request> pending_;
 };

@@ -2,14 +2,14 @@
 // communicator per run, bootstrapped over MPI; collectives on a communication
 // stream of their own.
 //
-// Ordering: start_sum() records an event on the compute stream (after the
-// kernels that wrote the gradient bucket) and makes the communication stream
-// wait for it, so the bucket is summed while the compute stream goes on with
-// the backward of earlier layers. finish_sums() records one event after every
-// sum of the step, and the compute stream waits for it before the gradient norm
-// and the optimizer read the gradients. The host polls that event under the
-// watchdog, together with ncclCommGetAsyncError, so a stuck or failed
-// collective ends the job with a message instead of a hang.
+// Ordering: every start (start_sum, start_reduce, start_broadcast) records an event on the compute
+// stream (after the kernels that wrote its tensor) and makes the communication stream wait for it,
+// so a gradient bucket is reduced while the compute stream goes on with the backward of earlier
+// layers, and an updated weight is broadcast while the optimizer updates the next. finish_started()
+// records one event after every collective started since the last, and the compute stream waits
+// for it before anything reads their results. The host polls that event under the watchdog,
+// together with ncclCommGetAsyncError, so a stuck or failed collective ends the job with a message
+// instead of a hang.
 #include <cuda_runtime.h>
 #include <nccl.h>
 
@@ -71,58 +71,45 @@ class NcclCommunicator final : public Communicator {
 
   void start_sum(Tensor x) override {
     if (world_ == 1) return;
-    check(x, "start_sum");
+    check(x, "start_sum", false);
     after_compute();
     ncclCheck(ncclAllReduce(x.data, x.data, static_cast<size_t>(x.numel()), ncclFloat32, ncclSum, nccl_, comm_stream_));
     pending_ = true;
   }
 
-  void finish_sums(const std::string& what) override {
+  void start_reduce(Tensor x, int root) override {
+    if (world_ == 1) return;
+    check(x, "start_reduce", false);
+    RT_ASSERT(root >= 0 && root < world_, "start_reduce: a root rank in the world");
+    after_compute();
+    ncclCheck(
+        ncclReduce(x.data, x.data, static_cast<size_t>(x.numel()), ncclFloat32, ncclSum, root, nccl_, comm_stream_));
+    pending_ = true;
+  }
+
+  void start_broadcast(Tensor x, int root) override {
+    if (world_ == 1) return;
+    check(x, "start_broadcast", true);
+    RT_ASSERT(root >= 0 && root < world_, "start_broadcast: a root rank in the world");
+    after_compute();
+    ncclCheck(ncclBroadcast(x.data, x.data, static_cast<size_t>(x.numel()),
+                            x.dtype == DType::bf16 ? ncclBfloat16 : ncclFloat32, root, nccl_, comm_stream_));
+    pending_ = true;
+  }
+
+  void finish_started(const std::string& what) override {
     if (world_ == 1 || !pending_) return;
     wait_comm(what);
     pending_ = false;
     n_ready_used_ = 0;
   }
 
-  // Shards differ in size (they hold whole tensors), so the reduce-scatter is one reduce per
-  // shard to its owner, and the all-gather one broadcast per shard from its owner, each batch
-  // grouped into one NCCL launch.
-  void reduce_scatter_sum(Tensor full, const std::vector<int64_t>& offsets) override {
-    check(full, "reduce_scatter_sum");
-    if (world_ == 1) return;
-    after_compute();
-    ncclCheck(ncclGroupStart());
-    for (int r = 0; r < world_; ++r) {
-      float* shard = full.ptr<float>() + offsets[static_cast<size_t>(r)];
-      const size_t n = static_cast<size_t>(offsets[static_cast<size_t>(r) + 1] - offsets[static_cast<size_t>(r)]);
-      ncclCheck(ncclReduce(shard, shard, n, ncclFloat32, ncclSum, r, nccl_, comm_stream_));
-    }
-    ncclCheck(ncclGroupEnd());
-    wait_comm("the gradient reduce-scatter");
-    n_ready_used_ = 0;
-  }
-
-  void all_gather(Tensor full, const std::vector<int64_t>& offsets) override {
-    check(full, "all_gather");
-    if (world_ == 1) return;
-    after_compute();
-    const ncclDataType_t type = full.dtype == DType::bf16 ? ncclBfloat16 : ncclFloat32;
-    const int64_t elem = static_cast<int64_t>(dtype_size(full.dtype));
-    ncclCheck(ncclGroupStart());
-    for (int r = 0; r < world_; ++r) {
-      char* shard = static_cast<char*>(full.data) + offsets[static_cast<size_t>(r)] * elem;
-      const size_t n = static_cast<size_t>(offsets[static_cast<size_t>(r) + 1] - offsets[static_cast<size_t>(r)]);
-      ncclCheck(ncclBroadcast(shard, shard, n, type, r, nccl_, comm_stream_));
-    }
-    ncclCheck(ncclGroupEnd());
-    wait_comm("the weight all-gather");
-    n_ready_used_ = 0;
-  }
-
  private:
-  static void check(const Tensor& x, const char* op) {
-    RT_ASSERT(x.device == Device::cuda && (x.dtype == DType::f32 || x.dtype == DType::bf16) && x.contiguous(),
-              std::string("NCCL ") + op + ": a contiguous f32 or bf16 GPU tensor");
+  static void check(const Tensor& x, const char* op, bool bf16_too) {
+    RT_ASSERT(
+        x.device == Device::cuda && (x.dtype == DType::f32 || (bf16_too && x.dtype == DType::bf16)) && x.contiguous(),
+        std::string("NCCL ") + op +
+            (bf16_too ? ": a contiguous f32 or bf16 GPU tensor" : ": a contiguous f32 GPU tensor"));
   }
 
   // The communication stream waits for what the compute stream has queued so

@@ -120,7 +120,7 @@ Tensor Optimizer::master_view(const ParamSpec& p) const {
 
 double Optimizer::reduce_and_norm() {
   if (!zero_) return std::sqrt(be_.sum_squares(params_.grad));
-  zero_->reduce_scatter_sum(params_.grad, offsets_);
+  // The GradReducer has reduced every piece of this shard to this rank during backward.
   const int64_t n = mine_.end - mine_.begin;
   const double local = n > 0 ? be_.sum_squares(params_.grad.flat_slice(mine_.begin, n)) : 0.0;
   return std::sqrt(zero_->sum(local, "the gradient norm"));
@@ -128,9 +128,8 @@ double Optimizer::reduce_and_norm() {
 
 void Optimizer::step(double lr, float grad_scale) {
   ++step_;
-  int64_t q_offset = 0, block_offset = 0;
-  for (size_t i = mine_.first; i < mine_.last; ++i) {
-    const ParamSpec& p = params_.specs[i];
+  int64_t q_offset = 0, block_offset = 0;  // adamw_8bit: this shard's codes and blocks so far
+  const auto update = [&](const ParamSpec& p) {
     AdamWParams hp;
     hp.lr = static_cast<float>(lr);
     hp.beta1 = beta1_;
@@ -150,8 +149,26 @@ void Optimizer::step(double lr, float grad_scale) {
       const int64_t at = p.offset - mine_.begin;
       be_.adamw_step(master, compute, grad, m_.flat_slice(at, p.numel), v_.flat_slice(at, p.numel), hp);
     }
+  };
+  if (!zero_) {
+    for (size_t i = mine_.first; i < mine_.last; ++i) update(params_.specs[i]);
+    return;
   }
-  if (zero_) zero_->all_gather(params_.compute, offsets_);
+  // The all-gather of the compute copies, pipelined with the updates: round k updates this rank's
+  // k-th tensor, then broadcasts every shard's k-th tensor from its owner. Every rank starts the
+  // same broadcasts in the same order (NCCL and MPI both require it); on the GPU the broadcast of
+  // round k waits, on the communication stream, for the update queued before it, so it runs while
+  // the compute stream updates the tensor of round k + 1.
+  size_t rounds = 0;
+  for (const Shard& s : shards_) rounds = std::max(rounds, s.last - s.first);
+  for (size_t k = 0; k < rounds; ++k) {
+    if (mine_.first + k < mine_.last) update(params_.specs[mine_.first + k]);
+    for (size_t r = 0; r < shards_.size(); ++r) {
+      const size_t i = shards_[r].first + k;
+      if (i < shards_[r].last) zero_->start_broadcast(params_.compute_view(params_.specs[i]), static_cast<int>(r));
+    }
+  }
+  zero_->finish_started("the weight all-gather of step " + std::to_string(step_));
 }
 
 OptimizerState Optimizer::local_state() const {

@@ -370,8 +370,9 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
   std::unique_ptr<Communicator> comm = make_communicator(*s.backend, cfg.distributed.timeout_s);
   const bool zero = zero_stage_1(cfg, li);
   Optimizer opt(*s.backend, params, tc, zero ? comm.get() : nullptr);
-  // Under ZeRO-1 the optimizer reduce-scatters the gradients once backward is done.
-  GradReducer reducer(*comm, params, static_cast<int>(s.arch.n_layers), !zero);
+  // Gradients are reduced bucket by bucket during backward: summed on every rank, or under ZeRO-1
+  // each piece only to the rank whose shard holds it (the optimizer's shard offsets).
+  GradReducer reducer(*comm, params, static_cast<int>(s.arch.n_layers), zero ? &opt.shard_offsets() : nullptr);
   model.ledger().on_bucket_ready = [&](int bucket) { reducer.reduce_bucket(bucket); };
 
   // A checkpoint holds the fp32 masters and the optimizer's states; there must be room for two
@@ -478,7 +479,8 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
   int64_t saved_step = progress.step > 0 ? progress.step : -1;
   const int64_t first_step = progress.step;
 
-  // Rank 0 writes (every rank holds the same trainable state after the all-reduce).
+  // Rank 0 writes (every rank holds the same weights after a step; under ZeRO-1 the optimizer's
+  // shards are gathered to rank 0 first).
   const auto save = [&](int64_t steps_done) {
     opt.gather_for_checkpoint();  // ZeRO-1: the shards come to rank 0
     if (root) {

@@ -1,6 +1,6 @@
 // The MPI communicator under mpirun (2 and 3 ranks): the same interface the NCCL one implements.
 // Sums of host values, bucket sums started during "backward" and finished once, and ZeRO-1's
-// reduce-scatter and all-gather over shards of unequal sizes.
+// reduces to the shards' owners and broadcasts from them, over pieces of unequal sizes.
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "ranktune/comm.h"
+#include "ranktune/optimizer.h"
 
 using namespace ranktune;
 
@@ -41,30 +42,103 @@ TEST(MpiComm, HostValuesAndBucketSums) {
   Tensor g = host(grad);
   comm->start_sum(g.flat_slice(6, 4));
   comm->start_sum(g.flat_slice(0, 6));
-  comm->finish_sums("a test step");
+  comm->finish_started("a test step");
   for (size_t i = 0; i < grad.size(); ++i)
     EXPECT_FLOAT_EQ(grad[i], 100.f * world * (world - 1) / 2 + static_cast<float>(world * static_cast<int>(i))) << i;
 }
 
-TEST(MpiComm, ReduceScatterAndAllGatherOverUnequalShards) {
+// ZeRO-1's gradient path: runs of a flat buffer cut at shard boundaries, each piece summed into its
+// owner's copy only, several reduces in flight at once, finished together.
+TEST(MpiComm, ReducesToOwnersOverUnequalPieces) {
   int world = 0;
   const int rank = world_rank(&world);
   auto comm = make_mpi_communicator(60);
-  // Shard r holds r + 2 elements.
+  // Shard r holds r + 2 elements; rank r's value at i is distinct from every other rank's.
   std::vector<int64_t> offsets{0};
   for (int r = 0; r < world; ++r) offsets.push_back(offsets.back() + r + 2);
   const int64_t n = offsets.back();
   std::vector<float> full(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) full[static_cast<size_t>(i)] = static_cast<float>((rank + 1) * (i + 1));
-  comm->reduce_scatter_sum(host(full), offsets);
-  const float ranks_sum = static_cast<float>(world * (world + 1) / 2);
-  for (int64_t i = offsets[static_cast<size_t>(rank)]; i < offsets[static_cast<size_t>(rank) + 1]; ++i)
-    EXPECT_FLOAT_EQ(full[static_cast<size_t>(i)], ranks_sum * static_cast<float>(i + 1)) << i;
-  // Each rank's shard (now the sums) goes to every rank.
-  for (int64_t i = 0; i < n; ++i)
-    if (i < offsets[static_cast<size_t>(rank)] || i >= offsets[static_cast<size_t>(rank) + 1])
-      full[static_cast<size_t>(i)] = -1.f;
-  comm->all_gather(host(full), offsets);
-  for (int64_t i = 0; i < n; ++i)
-    EXPECT_FLOAT_EQ(full[static_cast<size_t>(i)], ranks_sum * static_cast<float>(i + 1)) << i;
+  const auto value = [](int r, int64_t i) { return static_cast<float>((r + 1) * 1000 + i * (r + 3)); };
+  for (int64_t i = 0; i < n; ++i) full[static_cast<size_t>(i)] = value(rank, i);
+  // Pieces in a "backward" order: each shard split in two unequal parts, the last shard first.
+  Tensor g = host(full);
+  for (int r = world - 1; r >= 0; --r) {
+    const int64_t begin = offsets[static_cast<size_t>(r)], end = offsets[static_cast<size_t>(r) + 1];
+    comm->start_reduce(g.flat_slice(begin + 1, end - begin - 1), r);
+    comm->start_reduce(g.flat_slice(begin, 1), r);
+  }
+  comm->finish_started("a test reduce");
+  for (int64_t i = offsets[static_cast<size_t>(rank)]; i < offsets[static_cast<size_t>(rank) + 1]; ++i) {
+    float sum = 0;
+    for (int r = 0; r < world; ++r) sum += value(r, i);
+    EXPECT_EQ(full[static_cast<size_t>(i)], sum) << i;  // small integers: exact in fp32
+  }
+}
+
+// ZeRO-1's weight path: each rank's tensors, pieces of unequal sizes, broadcast from their owner in
+// rounds as the optimizer starts them (round k: every owner's k-th tensor), finished once.
+TEST(MpiComm, BroadcastsFromOwnersInRounds) {
+  int world = 0;
+  const int rank = world_rank(&world);
+  auto comm = make_mpi_communicator(60);
+  // Rank r owns r + 1 tensors, tensor t of it holding t + 2 elements.
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> owned(static_cast<size_t>(world));
+  int64_t n = 0;
+  for (int r = 0; r < world; ++r)
+    for (int t = 0; t <= r; ++t) {
+      owned[static_cast<size_t>(r)].push_back({n, t + 2});
+      n += t + 2;
+    }
+  const auto value = [](int r, int64_t i) { return static_cast<float>((r + 1) * 1000 + i); };
+  std::vector<float> full(static_cast<size_t>(n), -1.f);
+  for (const auto& [offset, size] : owned[static_cast<size_t>(rank)])
+    for (int64_t i = offset; i < offset + size; ++i) full[static_cast<size_t>(i)] = value(rank, i);
+  Tensor w = host(full);
+  for (int k = 0; k < world; ++k)
+    for (int r = 0; r < world; ++r)
+      if (k <= r)
+        comm->start_broadcast(w.flat_slice(owned[static_cast<size_t>(r)][static_cast<size_t>(k)].first,
+                                           owned[static_cast<size_t>(r)][static_cast<size_t>(k)].second),
+                              r);
+  comm->finish_started("a test broadcast");
+  for (int r = 0; r < world; ++r)
+    for (const auto& [offset, size] : owned[static_cast<size_t>(r)])
+      for (int64_t i = offset; i < offset + size; ++i) EXPECT_EQ(full[static_cast<size_t>(i)], value(r, i)) << i;
+}
+
+// The GradReducer under ZeRO-1: buckets whose runs of adjacent tensors straddle shard boundaries
+// (the shards of zero_shard_cuts, as the optimizer cuts them), reduced in backward order; each rank
+// ends with the sums over its own shard.
+TEST(MpiComm, GradReducerSumsEachShardOnItsOwner) {
+  int world = 0;
+  const int rank = world_rank(&world);
+  auto comm = make_mpi_communicator(60);
+  // Two layers between the embedding and the final norm, as the model lays them out.
+  ParamGroup params;
+  const std::vector<std::pair<int64_t, int>> tensors{{2, -1}, {2, 0}, {2, 0}, {2, 1}, {2, 1}, {6, -1}};
+  std::vector<int64_t> sizes;
+  for (const auto& [numel, layer] : tensors) {
+    params.specs.push_back({"t" + std::to_string(params.specs.size()), {numel}, params.numel, numel, layer, false});
+    params.numel += numel;
+    sizes.push_back(numel);
+  }
+  std::vector<float> grad(static_cast<size_t>(params.numel));
+  const auto value = [](int r, int64_t i) { return static_cast<float>((r + 1) * 100 + i * (2 * r + 1)); };
+  for (int64_t i = 0; i < params.numel; ++i) grad[static_cast<size_t>(i)] = value(rank, i);
+  params.grad = host(grad);
+  const std::vector<size_t> cuts = zero_shard_cuts(sizes, world);
+  std::vector<int64_t> offsets;
+  for (size_t c : cuts) offsets.push_back(c < params.specs.size() ? params.specs[c].offset : params.numel);
+  GradReducer reducer(*comm, params, 2, &offsets);
+  for (int bucket : {1, 0, 2}) reducer.reduce_bucket(bucket);
+  reducer.finish(1);
+  const int64_t begin = offsets[static_cast<size_t>(rank)], end = offsets[static_cast<size_t>(rank) + 1];
+  // Cuts inside a bucket's run: layer 1's [6, 10) on 2 ranks, layer 0's [2, 6) on 3.
+  if (world == 2) EXPECT_EQ(offsets, (std::vector<int64_t>{0, 8, 16}));
+  if (world == 3) EXPECT_EQ(offsets, (std::vector<int64_t>{0, 4, 10, 16}));
+  for (int64_t i = begin; i < end; ++i) {
+    float sum = 0;
+    for (int r = 0; r < world; ++r) sum += value(r, i);
+    EXPECT_EQ(grad[static_cast<size_t>(i)], sum) << i;
+  }
 }

@@ -1,9 +1,8 @@
 // Reductions over ranks: one interface, two implementations.
-//   MPI  (src/comm.cpp): the CPU path; MPI_Iallreduce on host buffers.
-//   NCCL (src/comm_nccl.cu): the GPU path; ncclAllReduce on a communication
-//   stream that waits for
-//        the compute stream by an event, so a gradient bucket is summed while
-//        backward goes on.
+//   MPI  (src/comm.cpp): the CPU path; non-blocking MPI collectives on host buffers.
+//   NCCL (src/comm_nccl.cu): the GPU path; NCCL collectives on a communication stream that waits
+//        for the compute stream by an event, so a gradient bucket is summed while backward goes
+//        on, and a weight is broadcast while the optimizer updates the next one.
 // MPI bootstraps both (rank 0 makes the ncclUniqueId and broadcasts it), and
 // host scalars (loss, token counts, stop signals) always go over MPI.
 //
@@ -70,21 +69,21 @@ class Communicator {
   int world_size() const { return world_; }
   virtual std::string name() const = 0;  // "NCCL 2.28.3" or "MPI (Open MPI ...)"
 
-  // ---- gradients: f32 tensors on the backend's device, summed in place
-  // ---------------------- Starts summing x over ranks; may return before the
-  // sum is done. Called during backward as the ledger reports gradient buckets
-  // ready.
+  // ---- device tensors: started in the same order on every rank, finished together ----------------
+  // Each start may return before the collective is done; x must stay untouched until
+  // finish_started().
+  // Sums the f32 tensor x over ranks, in place on every rank (data parallel: a gradient bucket,
+  // started during backward as the ledger reports it ready).
   virtual void start_sum(Tensor x) = 0;
-  // Waits until every started sum is done and visible to the backend's later
-  // work.
-  virtual void finish_sums(const std::string& what) = 0;
-  // ZeRO-1: the flat buffer `full` is cut into world_size consecutive shards, shard r being
-  // [offsets[r], offsets[r+1]) (whole tensors, so the shards differ in size). reduce_scatter_sum
-  // leaves in this rank's shard the sum over ranks of that range (the rest of full is left
-  // undefined); all_gather fills every shard from its owner. f32 (gradients) or the activation
-  // dtype (the compute copy of the weights).
-  virtual void reduce_scatter_sum(Tensor full, const std::vector<int64_t>& offsets) = 0;
-  virtual void all_gather(Tensor full, const std::vector<int64_t>& offsets) = 0;
+  // Sums the f32 tensor x over ranks into root's x; the other ranks' x is left undefined (ZeRO-1: a
+  // piece of a gradient bucket, to the rank whose shard holds it).
+  virtual void start_reduce(Tensor x, int root) = 0;
+  // Copies root's x to every rank; f32 or the activation dtype (ZeRO-1: an updated weight's
+  // compute copy, from the rank that updated it).
+  virtual void start_broadcast(Tensor x, int root) = 0;
+  // Waits until every started collective is done and visible to the backend's later work. `what`
+  // names the batch for the watchdog's messages.
+  virtual void finish_started(const std::string& what) = 0;
 
   // ---- host values: every rank calls these in the same order
   // ---------------------------------
@@ -104,21 +103,29 @@ class Communicator {
 };
 
 // Data-parallel gradient reduction through a communicator: a bucket -- a layer's tensors, or the
-// embedding, final norm and head -- is summed as soon as the model's ledger reports it ready
+// embedding, final norm and head -- is reduced as soon as the model's ledger reports it ready
 // (during the last micro-batch's backward, in backward order), as the runs of adjacent tensors it
-// holds; finish() waits for every sum before the gradients are read. With all_reduce false (ZeRO-1,
-// whose optimizer reduce-scatters instead) it does nothing.
+// holds; finish() waits for every reduction before the gradients are read. Without shard offsets
+// each run is summed on every rank (all-reduce). Under ZeRO-1 (shard_offsets: the optimizer's
+// Optimizer::shard_offsets(), world + 1 element offsets of the shards in the flat gradient buffer)
+// each run is cut at the shard boundaries and each piece summed into its owner's buffer only, so
+// after finish() each rank holds the summed gradients of its own shard (the rest is undefined).
 class GradReducer {
  public:
-  GradReducer(Communicator& comm, ParamGroup& params, int n_layers, bool all_reduce = true);
+  GradReducer(Communicator& comm, ParamGroup& params, int n_layers,
+              const std::vector<int64_t>* shard_offsets = nullptr);
   void reduce_bucket(int bucket);
   void finish(int64_t step);
 
  private:
+  struct Piece {
+    int64_t offset = 0, numel = 0;
+    int owner = -1;  // the rank that receives the sum; -1: every rank (all-reduce)
+  };
   Communicator& comm_;
   Tensor grad_;
-  bool all_reduce_;
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> runs_;  // per bucket: (offset, numel) runs
+  bool sharded_ = false;
+  std::vector<std::vector<Piece>> pieces_;  // per bucket
 };
 
 // NCCL when the backend is a GPU (and ranktune was built with CUDA), MPI

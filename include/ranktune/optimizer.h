@@ -28,10 +28,12 @@ struct OptimizerState {
 
 // ZeRO-1 (distributed.zero_stage: 1, full fine-tuning over several ranks): each rank owns one
 // shard of the trainable tensors -- consecutive whole tensors, balanced by size -- and keeps the
-// fp32 masters and optimizer states of its shard only. A step: the gradients are reduce-scattered
-// (each rank receives the sum of its shard), each rank updates its shard, and the updated compute
-// copies are all-gathered. Checkpoints hold the whole state, gathered to rank 0, in the same
-// layout as without ZeRO, so a run may resume with or without it and on any number of ranks.
+// fp32 masters and optimizer states of its shard only. A step: during backward the GradReducer
+// (built with shard_offsets()) reduces each gradient bucket to the owners of its pieces, so each
+// rank receives the sum of its shard; each rank updates its shard tensor by tensor, broadcasting
+// each updated compute copy as soon as it is written, so the all-gather of the weights overlaps
+// the updates. Checkpoints hold the whole state, gathered to rank 0, in the same layout as without
+// ZeRO, so a run may resume with or without it and on any number of ranks.
 // ZeRO-1's shards of tensors of these sizes (in order) over `world` ranks: the index of each
 // shard's first tensor, world + 1 of them; each cut is at the tensor boundary nearest to r/world of
 // all elements.
@@ -41,12 +43,20 @@ class Optimizer {
  public:
   // zero: the communicator to shard over (ZeRO-1), or null for a whole copy on every rank.
   Optimizer(Backend& backend, ParamGroup& params, const TrainingSection& cfg, Communicator* zero = nullptr);
-  // The gradients summed over ranks: ZeRO's reduce-scatter (the data-parallel all-reduce happens
-  // during backward otherwise); then the global gradient norm.
+  // The global gradient norm. The caller has summed the gradients over ranks first and finished
+  // that (GradReducer::finish): without ZeRO every rank holds the whole sum (all-reduce) and the
+  // norm is local; under ZeRO-1 each rank holds the sum of its own shard only (the GradReducer
+  // built with shard_offsets()), so the norm is this shard's sum of squares summed over ranks on
+  // the host (collective: every rank calls it).
   double reduce_and_norm();
   // One update with the given learning rate; gradients are multiplied by grad_scale first
-  // (clipping). Under ZeRO-1 the updated weights are all-gathered.
+  // (clipping). Under ZeRO-1 (collective) each rank updates its shard and every updated tensor's
+  // compute copy goes from its owner to every rank, broadcast by broadcast as the updates go on;
+  // step() returns once all of them are finished.
   void step(double lr, float grad_scale);
+  // The element offsets of the shards in the flat gradient buffer, world + 1 of them (shard r is
+  // [offsets[r], offsets[r+1])); {0, numel} without ZeRO.
+  const std::vector<int64_t>& shard_offsets() const { return offsets_; }
   int64_t steps_taken() const { return step_; }
   int64_t state_bytes() const { return state_bytes_; }
   const std::string& kind() const { return kind_; }
