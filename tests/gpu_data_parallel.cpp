@@ -1,5 +1,7 @@
 // Data parallel on two GPUs (NCCL): 2 ranks with batch b train what 1 rank with batch 2b trains,
-// within bf16 tolerance (GEMMs of other shapes round differently; the gradients are summed in fp32).
+// within bf16 tolerance (GEMMs of other shapes round differently; the gradients are summed in fp32);
+// with ZeRO-1 too (gradients reduced to their shard's owner during backward, updated weights
+// broadcast from it).
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -17,13 +19,16 @@
 
 namespace {
 
+enum class Training { lora, full, full_zero1 };
 
-void check_two_gpus_equal_one(bool lora) {
+void check_two_gpus_equal_one(Training training) {
+  const bool lora = training == Training::lora, zero = training == Training::full_zero1;
+  const char* name = lora ? "lora" : zero ? "full_zero1" : "full";
   SKIP_WITHOUT_GPU();
   int count = 0;
   (void)cudaGetDeviceCount(&count);
   if (count < 2) GTEST_SKIP() << "needs 2 GPUs, this machine has " << count;
-  const std::string dir = fresh_temp_dir(std::string("gpu_dp_") + (lora ? "lora" : "full"));
+  const std::string dir = fresh_temp_dir(std::string("gpu_dp_") + name);
   std::ofstream(dir + "/run.yaml")
       << "model:\n"
          "  architecture: {vocab_size: 512, hidden_size: 256, intermediate_size: 512, num_hidden_layers: 4,\n"
@@ -38,16 +43,19 @@ void check_two_gpus_equal_one(bool lora) {
          "training: {max_steps: 10, learning_rate: 2.0e-3, warmup_steps: 2, gradient_accumulation_steps: 2}\n"
          "logging: {logging_steps: 1}\n";
   const std::string bin = RANKTUNE_BINARY;
-  const CommandResult two = run_command(std::string(RANKTUNE_MPIEXEC) + " --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 " +
-                                            bin + " train " + dir + "/run.yaml --set model.enable_multi_gpu=true" +
-                                            " --set training.per_device_train_batch_size=2 --set training.output_dir=" +
-                                            dir + "/two",
-                                        1);
+  const CommandResult two = run_command(
+      std::string(RANKTUNE_MPIEXEC) + " --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 " + bin + " train " + dir +
+          "/run.yaml --set model.enable_multi_gpu=true" + (zero ? " --set distributed.zero_stage=1" : "") +
+          " --set training.per_device_train_batch_size=2 --set training.output_dir=" + dir + "/two",
+      1);
   ASSERT_EQ(two.code, 0) << two.output;
   EXPECT_NE(two.output.find("Multi-GPU training enabled: 2 ranks x 1 GPU, data parallel over NCCL"), std::string::npos)
       << two.output;
   EXPECT_NE(two.output.find("rank 1: "), std::string::npos) << two.output;
   EXPECT_NE(two.output.find("cuda:1"), std::string::npos) << two.output;
+  if (zero)
+    EXPECT_NE(two.output.find("ZeRO-1: fp32 masters and optimizer states sharded over 2 ranks"), std::string::npos)
+        << two.output;
   const CommandResult one = run_command(bin + " train " + dir + "/run.yaml --set training.per_device_train_batch_size=4" +
                                             " --set training.output_dir=" + dir + "/one",
                                         1);
@@ -57,8 +65,8 @@ void check_two_gpus_equal_one(bool lora) {
   ASSERT_EQ(b.size(), 10u);
   double worst = 0;
   for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs(a[i] - b[i]) / std::fabs(b[i]));
-  std::printf("[%s] 2 GPUs vs 1: largest relative loss difference over 10 steps %.3e (first %.4f, last %.4f)\n",
-              lora ? "lora" : "full", worst, b.front(), b.back());
+  std::printf("[%s] 2 GPUs vs 1: largest relative loss difference over 10 steps %.3e (first %.4f, last %.4f)\n", name,
+              worst, b.front(), b.back());
   EXPECT_LT(worst, 1e-2);
   EXPECT_LT(b.back(), b.front());
   if (!lora) return;
@@ -77,8 +85,9 @@ void check_two_gpus_equal_one(bool lora) {
 
 }  // namespace
 
-TEST(GpuDataParallel, TwoGpusEqualOneGpuWithTwiceTheBatchLora) { check_two_gpus_equal_one(true); }
-TEST(GpuDataParallel, TwoGpusEqualOneGpuWithTwiceTheBatchFull) { check_two_gpus_equal_one(false); }
+TEST(GpuDataParallel, TwoGpusEqualOneGpuWithTwiceTheBatchLora) { check_two_gpus_equal_one(Training::lora); }
+TEST(GpuDataParallel, TwoGpusEqualOneGpuWithTwiceTheBatchFull) { check_two_gpus_equal_one(Training::full); }
+TEST(GpuDataParallel, TwoGpusEqualOneGpuWithTwiceTheBatchFullZero1) { check_two_gpus_equal_one(Training::full_zero1); }
 
 // device_map: auto in one process: the layers spread over two GPUs train exactly what one GPU
 // trains (the same kernels on the same shapes; activations cross by exact peer copies).
