@@ -3,7 +3,7 @@
 // cuBLASLt path, the denominator of MFU. tools/benchmark.py runs it next to the HF peer.
 //
 // Usage: ranktune_bench_step MODE [--gc 0|1|2] [--steps N] [--warmup N] [--batch B] [--seq T]
-//                                 [--layers L] [--profile 0|1] [--ranks N] [--iters N]
+//                                 [--layers L] [--profile 0|1] [--ranks N] [--zero 0|1] [--iters N]
 //   MODE: lora   LoRA r=16 on all seven projections
 //         full   full fine-tuning
 //         qlora  LoRA over NF4 base weights (load_in_4bit)
@@ -13,13 +13,17 @@
 //                (two event records per op), so take throughput from an unprofiled run.
 //   --ranks N    data-parallel ranks under mpirun (one GPU each, NCCL as in training); with N > 1,
 //                rank 0 prints the line, with gpus = N and tokens_per_s counting all ranks' tokens
+//   --zero 1     ZeRO-1 (full with --ranks > 1 only), as distributed.zero_stage: 1 trains: fp32
+//                masters and AdamW states sharded over the ranks, gradients reduced to their shard's
+//                owner during backward, updated weights broadcast from their owners
 //
 // Output: exactly one JSON line on stdout, in the form tools/hf_peer_baseline.py prints for the HF
 // peer (peer, mode, gpus, batch_per_gpu, seq, layers, grad_ckpt, params_total, params_trainable,
 // tokens_per_s, step_ms, peak_mem_gib, loss, gpu), plus model_flops_per_token (see
 // flops_per_token below), model_tflops_per_s, plan_mem_gib (the memory plan's total for the run,
-// src/memory_plan.cpp, to compare with peak_mem_gib), steps, warmup, profiled and, with --profile 1,
-// profile: {steps, step_ms, gpu_span_ms, ops_ms, ops: [{op, calls, ms, gflop}]} (per step).
+// src/memory_plan.cpp, to compare with peak_mem_gib), zero (0 or 1), steps, warmup, profiled and,
+// with --profile 1, profile: {steps, step_ms, gpu_span_ms, ops_ms, ops: [{op, calls, ms, gflop}]}
+// (per step).
 // gemm mode prints {peer, mode: "gemm", gemm_tflops (best shape), shapes: [...], gpu}.
 // Errors go to stderr; exit 2 for a usage error or a mode that is not available, 1 for a failure.
 #include <cuda_runtime.h>
@@ -48,7 +52,8 @@ namespace {
 
 constexpr const char* kUsage =
     "usage: ranktune_bench_step lora|full|qlora|gemm [--gc 0|1|2 (2 = offload)] [--steps N] [--warmup N] [--batch B]\n"
-    "                           [--seq T] [--layers L] [--profile 0|1] [--ranks N] [--iters N]\n";
+    "                           [--seq T] [--layers L] [--profile 0|1] [--ranks N] [--zero 0|1 (full, --ranks > 1)]\n"
+    "                           [--iters N]\n";
 
 [[noreturn]] void usage_error(const std::string& msg) {
   std::fprintf(stderr, "ranktune_bench_step: %s\n%s", msg.c_str(), kUsage);
@@ -57,7 +62,7 @@ constexpr const char* kUsage =
 
 struct Args {
   std::string mode;
-  int gc = 1, steps = 10, warmup = 3, profile = 0, ranks = 1, iters = 50;
+  int gc = 1, steps = 10, warmup = 3, profile = 0, ranks = 1, zero = 0, iters = 50;
   int64_t batch = 2, seq = 2048, layers = 16;
 };
 
@@ -89,6 +94,8 @@ Args parse_args(int argc, char** argv) {
       a.profile = static_cast<int>(v);
     else if (key == "--ranks")
       a.ranks = static_cast<int>(v);
+    else if (key == "--zero")
+      a.zero = static_cast<int>(v);
     else if (key == "--iters")
       a.iters = static_cast<int>(v);
     else
@@ -96,6 +103,9 @@ Args parse_args(int argc, char** argv) {
   }
   if (a.steps < 1 || a.warmup < 0 || a.batch < 1 || a.seq < 2 || a.layers < 1 || a.iters < 1 || a.ranks < 1)
     usage_error("--steps, --batch, --layers, --iters, --ranks must be >= 1, --seq >= 2, --warmup >= 0");
+  if (a.zero != 0 && a.zero != 1) usage_error("--zero must be 0 or 1");
+  if (a.zero == 1 && (a.mode != "full" || a.ranks < 2))
+    usage_error("--zero 1 shards full fine-tuning over ranks: it needs MODE full and --ranks > 1");
   return a;
 }
 
@@ -256,6 +266,8 @@ int run_training(const Args& args) {
   o.checkpointing = args.gc == 2 ? Checkpointing::offload : args.gc ? Checkpointing::on : Checkpointing::off;
   o.max_batch = B;
   o.max_seq = T;
+  // ZeRO-1 as the trainer runs it on the GPU: the optimizer keeps the fp32 masters of its shard.
+  o.master_weights = args.zero == 0;
   // Memory is counted from after context creation, like torch.cuda.max_memory_allocated; ranktune
   // allocates everything up front, so what is in use after the steps is the peak.
   BENCH_CUDA_CHECK(cudaFree(nullptr));
@@ -276,10 +288,13 @@ int run_training(const Args& args) {
   tc.adam_beta1 = 0.9;
   tc.adam_beta2 = 0.999;
   tc.adam_epsilon = 1e-8;
-  Optimizer opt(be, model.trainable(), tc);
-  // Data parallel as in training: bucket all-reduces overlapped with backward (src/comm.cpp).
+  // Data parallel as in training: bucket all-reduces overlapped with backward (src/comm.cpp); under
+  // ZeRO-1 bucket reduces to the shards' owners, and the optimizer's broadcasts of the updated
+  // weights overlapped with its updates (src/optimizer.cpp).
   std::unique_ptr<Communicator> comm = make_communicator(be, 600);
-  GradReducer reducer(*comm, model.trainable(), static_cast<int>(a.n_layers));
+  Optimizer opt(be, model.trainable(), tc, args.zero ? comm.get() : nullptr);
+  GradReducer reducer(*comm, model.trainable(), static_cast<int>(a.n_layers),
+                      args.zero ? &opt.shard_offsets() : nullptr);
   model.ledger().on_bucket_ready = [&](int bucket) { reducer.reduce_bucket(bucket); };
   int64_t step_no = 0;
   std::vector<int32_t> tokens(static_cast<size_t>(B * T)), targets(tokens.size()), positions(tokens.size());
@@ -298,7 +313,7 @@ int run_training(const Args& args) {
     loss = model.forward_backward(in, 1.0f / static_cast<float>(B * (T - 1)), 0) / static_cast<double>(B * (T - 1));
     model.ledger().end_micro();
     model.ledger().end_step();
-    reducer.finish(++step_no);
+    reducer.finish(++step_no);  // every reduce finished before the optimizer reads its gradients
     opt.step(2e-4, 1.0f);
   };
   for (int i = 0; i < args.warmup; ++i) step();
@@ -319,6 +334,7 @@ int run_training(const Args& args) {
   PlanSettings plan;  // adamw on the GPU path
   plan.load_in_4bit = args.mode == "qlora";
   plan.world_size = args.ranks;
+  plan.zero_stage = args.zero;
   nlohmann::json j = {{"peer", "ranktune"},
                       {"mode", args.mode},
                       {"gpus", args.ranks},
@@ -333,6 +349,7 @@ int run_training(const Args& args) {
                       {"peak_mem_gib", static_cast<double>(free_start - free_end) / (1 << 30)},
                       {"plan_mem_gib", static_cast<double>(plan_memory(o, plan).total) / (1 << 30)},
                       {"loss", loss},
+                      {"zero", args.zero},
                       {"gpu", gpu_name()},
                       {"model_flops_per_token", fpt},
                       {"model_tflops_per_s", fpt * tokens_per_s / 1e12},

@@ -18,7 +18,10 @@ Workloads, Llama-3.2-1B shape with random weights, batch 2 x 2048 per GPU:
   b  LoRA r=16, no checkpointing
   c  full fine-tuning, checkpointing (HF under bf16 autocast)
   d  QLoRA (ranktune only: the HF peer script has no 4-bit mode; the target is against (a))
-  e  2-GPU data parallel of (a) and (c) (mpirun -np 2 / torchrun; skipped with fewer than 2 GPUs)
+  e  2-GPU data parallel of (a) and (c) (mpirun -np 2 / torchrun; skipped with fewer than 2 GPUs);
+     ranktune's (c) runs ZeRO-1 (`--zero 1`: data parallel with the fp32 masters and optimizer
+     states sharded over the ranks, as distributed.zero_stage: 1 trains), its (a) plain data
+     parallel; the HF peer runs both as plain DDP
 A row that cannot run (a mode not built yet, a missing binary, a timeout) says "not available:"
 with the first line of its stderr (the last line for the HF peer, where Python's error is).
 
@@ -48,7 +51,7 @@ WORKLOADS = {
     "c": ("(c) full fine-tuning, checkpointing", ["full", "--gc", "1"], ["full", "--gc", "1"], 1),
     "d": ("(d) QLoRA r=16, 7 modules, checkpointing", ["qlora", "--gc", "1"], None, 1),
     "e-a": ("(e) 2 GPUs, data parallel (a)", ["lora", "--gc", "1"], ["lora", "--gc", "1"], 2),
-    "e-c": ("(e) 2 GPUs, data parallel (c)", ["full", "--gc", "1"], ["full", "--gc", "1"], 2),
+    "e-c": ("(e) 2 GPUs, ZeRO-1 data parallel (c)", ["full", "--gc", "1", "--zero", "1"], ["full", "--gc", "1"], 2),
 }
 HF_NONE_REASON = {"d": "n/a: the HF peer script has no 4-bit mode"}
 TARGETS = {

@@ -72,7 +72,13 @@ class Workloads(unittest.TestCase):
         cmd, env = cmds[("e-a", "ranktune")]
         self.assertEqual(cmd[:6], ["mpirun", "--allow-run-as-root", "-np", "2", "/b/ranktune_bench_step", "lora"])
         self.assertEqual(cmd[-2:], ["--ranks", "2"])
+        self.assertNotIn("--zero", cmd)
         self.assertEqual(env["NCCL_NVLS_ENABLE"], "0")
+        # (e)'s full fine-tuning runs ZeRO-1; the label says so
+        cmd, _ = cmds[("e-c", "ranktune")]
+        self.assertEqual(cmd[5:10], ["full", "--gc", "1", "--zero", "1"])
+        self.assertEqual(cmd[-2:], ["--ranks", "2"])
+        self.assertIn("ZeRO-1", benchmark.WORKLOADS["e-c"][0])
         self.assertIn("--nproc_per_node=2", cmds[("e-c", "hf")][0])
         self.assertEqual(notes, [])
         self.assertFalse(any(p == "ranktune-profile" for _, p, _, _ in runs))
