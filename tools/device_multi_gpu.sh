@@ -3,7 +3,7 @@
 # among them), and the scaling of `ranktune train` at the Llama-3.2-1B shape from 1 to N GPUs for
 # LoRA and full fine-tuning. Logs under $OUT (default ./device-out).
 # Usage: tools/device_multi_gpu.sh [stages...]
-#   stages: build tests scaling export_hf hf_dir memory auto_cap
+#   stages: build tests scaling export_hf hf_dir memory auto_cap perf
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device-out}
@@ -71,6 +71,25 @@ for line in open(sys.argv[1]):
               f"peak {j['peak_mem_gib']:6.2f} GiB plan {j['plan_mem_gib']:6.2f} GiB ({100*(j['plan_mem_gib']/j['peak_mem_gib']-1):+.1f}%)")
 PY
       ;;
+    perf)
+      log "ranktune_bench_step at 2 x 2048: (a) LoRA, (c) full with its op profile, and on 2 GPUs (c) plain and ZeRO-1"
+      run() { echo "--- $*" >> "$OUT/perf.log"; "$@" >> "$OUT/perf.log" 2>&1; }
+      run ./$build/ranktune_bench_step lora --gc 1 --steps 8 --warmup 2
+      run ./$build/ranktune_bench_step full --gc 1 --steps 8 --warmup 2
+      run ./$build/ranktune_bench_step full --gc 1 --steps 4 --warmup 2 --profile 1
+      if [ "$n_gpus" -ge 2 ]; then
+        run mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 ./$build/ranktune_bench_step full --gc 1 --ranks 2 --steps 8 --warmup 2
+        run mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 ./$build/ranktune_bench_step full --gc 1 --ranks 2 --zero 1 --steps 8 --warmup 2
+      fi
+      python3 - "$OUT/perf.log" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    if line.startswith("{"):
+        j = json.loads(line)
+        print(f"{j['mode']:6s} gpus={j['gpus']} zero={j.get('zero', 0)} tok/s {j['tokens_per_s']:7d} step {j['step_ms']:7.1f} ms "
+              f"peak {j['peak_mem_gib']:6.2f} GiB plan {j['plan_mem_gib']:6.2f} GiB")
+PY
+      grep -A40 "^op profile" "$OUT/perf.log" | head -45 ;;
     auto_cap)
       log "a per-GPU cap of 3 GiB: one GPU is refused with the plan, device_map auto over $n_gpus GPUs trains"
       python3 tools/make_bench_data.py > /dev/null
