@@ -3,7 +3,7 @@
 # among them), and the scaling of `ranktune train` at the Llama-3.2-1B shape from 1 to N GPUs for
 # LoRA and full fine-tuning. Logs under $OUT (default ./device-out).
 # Usage: tools/device_multi_gpu.sh [stages...]
-#   stages: build tests scaling export_hf hf_dir memory auto_cap perf
+#   stages: build tests scaling export_hf hf_dir memory auto_cap perf comm
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device-out}
@@ -90,6 +90,18 @@ for line in open(sys.argv[1]):
               f"peak {j['peak_mem_gib']:6.2f} GiB plan {j['plan_mem_gib']:6.2f} GiB")
 PY
       grep -A40 "^op profile" "$OUT/perf.log" | head -45 ;;
+    comm)
+      log "2 GPUs: (c) ZeRO-1 and plain, (a) plain, under NCCL CTA limits; (c) ZeRO-1 op profile per rank"
+      step=./$build/ranktune_bench_step
+      for ctas in default 4 8 16; do
+        env=""; [ "$ctas" = default ] || env="-x NCCL_MAX_CTAS=$ctas -x NCCL_MIN_CTAS=$ctas"
+        for args in "full --zero 1" "full --zero 0" "lora"; do
+          line=$(mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 $env $step $args --gc 1 --ranks 2 --steps 8 --warmup 2 2>>"$OUT/comm.err" | grep '^{')
+          echo "ctas=$ctas $args: $(echo "$line" | python3 -c 'import json,sys; j=json.loads(sys.stdin.read()); print(j["tokens_per_s"], "tok/s", round(j["step_ms"],1), "ms")')"
+        done
+      done
+      mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 --output-filename "$OUT/prof_zero" $step full --zero 1 --gc 1 --ranks 2 --steps 4 --warmup 2 --profile 1 > /dev/null 2>&1
+      for f in $(find "$OUT/prof_zero" -name 'stderr' | sort); do echo "## $f"; grep -A30 "^op profile" "$f" | grep -E "matmul|adamw|attention|idle|outside|wall|sum of"; done ;;
     auto_cap)
       log "a per-GPU cap of 3 GiB: one GPU is refused with the plan, device_map auto over $n_gpus GPUs trains"
       python3 tools/make_bench_data.py > /dev/null
