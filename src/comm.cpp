@@ -251,13 +251,16 @@ class MpiCommunicator final : public Communicator {
                 root, comm_, &pending_.back());
   }
 
-  void start_broadcast(Tensor x, int root) override {
+  void start_broadcasts(const std::vector<Broadcast>& batch) override {
     if (world_ == 1) return;
-    check(x, "start_broadcast", true);
-    RT_ASSERT(root >= 0 && root < world_, "start_broadcast: a root rank in the world");
-    pending_.push_back(MPI_REQUEST_NULL);
-    // A copy does no arithmetic, so bf16 travels as its 16-bit pattern.
-    MPI_Ibcast(x.data, count(x), x.dtype == DType::bf16 ? MPI_UINT16_T : MPI_FLOAT, root, comm_, &pending_.back());
+    for (const Broadcast& b : batch) {
+      check(b.x, "start_broadcasts", true);
+      RT_ASSERT(b.root >= 0 && b.root < world_, "start_broadcasts: a root rank in the world");
+      pending_.push_back(MPI_REQUEST_NULL);
+      // A copy does no arithmetic, so bf16 travels as its 16-bit pattern.
+      MPI_Ibcast(b.x.data, count(b.x), b.x.dtype == DType::bf16 ? MPI_UINT16_T : MPI_FLOAT, b.root, comm_,
+                 &pending_.back());
+    }
   }
 
   void finish_started(const std::string& what) override {

@@ -2,7 +2,7 @@
 // communicator per run, bootstrapped over MPI; collectives on a communication
 // stream of their own.
 //
-// Ordering: every start (start_sum, start_reduce, start_broadcast) records an event on the compute
+// Ordering: every start (start_sum, start_reduce, start_broadcasts) records an event on the compute
 // stream (after the kernels that wrote its tensor) and makes the communication stream wait for it,
 // so a gradient bucket is reduced while the compute stream goes on with the backward of earlier
 // layers, and an updated weight is broadcast while the optimizer updates the next. finish_started()
@@ -87,13 +87,18 @@ class NcclCommunicator final : public Communicator {
     pending_ = true;
   }
 
-  void start_broadcast(Tensor x, int root) override {
-    if (world_ == 1) return;
-    check(x, "start_broadcast", true);
-    RT_ASSERT(root >= 0 && root < world_, "start_broadcast: a root rank in the world");
+  void start_broadcasts(const std::vector<Broadcast>& batch) override {
+    if (world_ == 1 || batch.empty()) return;
+    for (const Broadcast& b : batch) {
+      check(b.x, "start_broadcasts", true);
+      RT_ASSERT(b.root >= 0 && b.root < world_, "start_broadcasts: a root rank in the world");
+    }
     after_compute();
-    ncclCheck(ncclBroadcast(x.data, x.data, static_cast<size_t>(x.numel()),
-                            x.dtype == DType::bf16 ? ncclBfloat16 : ncclFloat32, root, nccl_, comm_stream_));
+    ncclCheck(ncclGroupStart());
+    for (const Broadcast& b : batch)
+      ncclCheck(ncclBroadcast(b.x.data, b.x.data, static_cast<size_t>(b.x.numel()),
+                              b.x.dtype == DType::bf16 ? ncclBfloat16 : ncclFloat32, b.root, nccl_, comm_stream_));
+    ncclCheck(ncclGroupEnd());
     pending_ = true;
   }
 

@@ -78,9 +78,14 @@ class Communicator {
   // Sums the f32 tensor x over ranks into root's x; the other ranks' x is left undefined (ZeRO-1: a
   // piece of a gradient bucket, to the rank whose shard holds it).
   virtual void start_reduce(Tensor x, int root) = 0;
-  // Copies root's x to every rank; f32 or the activation dtype (ZeRO-1: an updated weight's
-  // compute copy, from the rank that updated it).
-  virtual void start_broadcast(Tensor x, int root) = 0;
+  // Copies each root's x to every rank; f32 or the activation dtype (ZeRO-1: updated weights'
+  // compute copies, each from the rank that updated it). One batch is one launch on the GPU (an
+  // NCCL group): many small broadcasts would each pay NCCL's latency.
+  struct Broadcast {
+    Tensor x;
+    int root = 0;
+  };
+  virtual void start_broadcasts(const std::vector<Broadcast>& batch) = 0;
   // Waits until every started collective is done and visible to the backend's later work. `what`
   // names the batch for the watchdog's messages.
   virtual void finish_started(const std::string& what) = 0;
