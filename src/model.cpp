@@ -609,19 +609,28 @@ int LlamaModel::base_slot(int l, const std::string& suffix) const {
 // ---- weights ---------------------------------------------------------------------------------------------
 
 void LlamaModel::init_base_random(uint64_t seed) {
-  uint64_t state = seed;
   std::vector<float> host(static_cast<size_t>(base_.numel));
-  for (const auto& p : base_.specs) {
+  // Normal(0, 0.02) by Box-Muller, in blocks of 2^20 values with a stream each (seeded by the
+  // tensor and block), so the blocks fill in parallel and the values do not depend on the threads.
+  constexpr int64_t kBlock = int64_t{1} << 20;
+  for (size_t t = 0; t < base_.specs.size(); ++t) {
+    const ParamSpec& p = base_.specs[t];
     float* w = host.data() + p.offset;
     if (p.is_norm) {
       std::fill(w, w + p.numel, 1.0f);
       continue;
     }
-    for (int64_t i = 0; i < p.numel; i += 2) {  // Box-Muller, std 0.02
-      const double u1 = std::max(uniform01(state), 1e-300), u2 = uniform01(state);
-      const double rad = std::sqrt(-2.0 * std::log(u1));
-      w[i] = static_cast<float>(0.02 * rad * std::cos(2 * M_PI * u2));
-      if (i + 1 < p.numel) w[i + 1] = static_cast<float>(0.02 * rad * std::sin(2 * M_PI * u2));
+    const int64_t n_blocks = (p.numel + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      uint64_t state = mix_seed(seed, t, static_cast<uint64_t>(blk));
+      const int64_t end = std::min(p.numel, (blk + 1) * kBlock);
+      for (int64_t i = blk * kBlock; i < end; i += 2) {
+        const double u1 = std::max(uniform01(state), 1e-300), u2 = uniform01(state);
+        const double rad = std::sqrt(-2.0 * std::log(u1));
+        w[i] = static_cast<float>(0.02 * rad * std::cos(2 * M_PI * u2));
+        if (i + 1 < end) w[i + 1] = static_cast<float>(0.02 * rad * std::sin(2 * M_PI * u2));
+      }
     }
   }
   for (const auto& p : base_.specs)
