@@ -209,7 +209,23 @@ GradReducer::GradReducer(Communicator& comm, ParamGroup& params, int n_layers,
   }
 }
 
+void GradReducer::exchange_embedding_rows(LlamaModel& model) {
+  if (model.embedding_rows().bucket >= 0) rows_model_ = &model;
+}
+
 void GradReducer::reduce_bucket(int bucket) {
+  if (rows_model_ && bucket == rows_model_->embedding_rows().bucket) {
+    // Each rank's slot of the rows and token ids, from that rank to all.
+    const LlamaModel::EmbeddingRows& e = rows_model_->embedding_rows();
+    std::vector<Communicator::Broadcast> batch;
+    for (int r = 0; r < comm_.world_size(); ++r) {
+      batch.push_back({e.rows.row_slice(r * e.rows_per_rank, e.rows_per_rank), r});
+      batch.push_back({e.tokens.flat_slice(r * e.rows_per_rank, e.rows_per_rank), r});
+    }
+    comm_.start_broadcasts(batch);
+    rows_started_ = true;
+    return;
+  }
   for (const Piece& p : pieces_[static_cast<size_t>(bucket)]) {
     if (p.owner < 0)
       comm_.start_sum(grad_.flat_slice(p.offset, p.numel));
@@ -221,6 +237,8 @@ void GradReducer::reduce_bucket(int bucket) {
 void GradReducer::finish(int64_t step) {
   comm_.finish_started(std::string(sharded_ ? "the gradient reduce to the shards' owners" : "the gradient all-reduce") +
                        " of step " + std::to_string(step));
+  if (rows_started_) rows_model_->add_exchanged_embedding_rows();
+  rows_started_ = false;
 }
 
 // ---- MPI: the CPU path
@@ -254,12 +272,15 @@ class MpiCommunicator final : public Communicator {
   void start_broadcasts(const std::vector<Broadcast>& batch) override {
     if (world_ == 1) return;
     for (const Broadcast& b : batch) {
-      check(b.x, "start_broadcasts", true);
+      RT_ASSERT(b.x.device == Device::cpu && b.x.contiguous() &&
+                    (b.x.dtype == DType::f32 || b.x.dtype == DType::bf16 || b.x.dtype == DType::i32),
+                "MPI start_broadcasts: a contiguous f32, bf16 or i32 host tensor");
       RT_ASSERT(b.root >= 0 && b.root < world_, "start_broadcasts: a root rank in the world");
       pending_.push_back(MPI_REQUEST_NULL);
       // A copy does no arithmetic, so bf16 travels as its 16-bit pattern.
-      MPI_Ibcast(b.x.data, count(b.x), b.x.dtype == DType::bf16 ? MPI_UINT16_T : MPI_FLOAT, b.root, comm_,
-                 &pending_.back());
+      const MPI_Datatype type =
+          b.x.dtype == DType::bf16 ? MPI_UINT16_T : (b.x.dtype == DType::i32 ? MPI_INT32_T : MPI_FLOAT);
+      MPI_Ibcast(b.x.data, count(b.x), type, b.root, comm_, &pending_.back());
     }
   }
 

@@ -90,14 +90,18 @@ class NcclCommunicator final : public Communicator {
   void start_broadcasts(const std::vector<Broadcast>& batch) override {
     if (world_ == 1 || batch.empty()) return;
     for (const Broadcast& b : batch) {
-      check(b.x, "start_broadcasts", true);
+      RT_ASSERT(b.x.device == Device::cuda && b.x.contiguous() &&
+                    (b.x.dtype == DType::f32 || b.x.dtype == DType::bf16 || b.x.dtype == DType::i32),
+                "NCCL start_broadcasts: a contiguous f32, bf16 or i32 GPU tensor");
       RT_ASSERT(b.root >= 0 && b.root < world_, "start_broadcasts: a root rank in the world");
     }
     after_compute();
     ncclCheck(ncclGroupStart());
-    for (const Broadcast& b : batch)
-      ncclCheck(ncclBroadcast(b.x.data, b.x.data, static_cast<size_t>(b.x.numel()),
-                              b.x.dtype == DType::bf16 ? ncclBfloat16 : ncclFloat32, b.root, nccl_, comm_stream_));
+    for (const Broadcast& b : batch) {
+      const ncclDataType_t type =
+          b.x.dtype == DType::bf16 ? ncclBfloat16 : (b.x.dtype == DType::i32 ? ncclInt32 : ncclFloat32);
+      ncclCheck(ncclBroadcast(b.x.data, b.x.data, static_cast<size_t>(b.x.numel()), type, b.root, nccl_, comm_stream_));
+    }
     ncclCheck(ncclGroupEnd());
     pending_ = true;
   }

@@ -244,6 +244,11 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
                           + carved(N * r, act)                                    // dxa
                           + 2 * carved(drop_rows * widest, act);                  // drop_scratch, lora_tmp
   alloc(globals);
+  // Data-parallel full fine-tuning of a tied embedding: every rank's lookup rows and token ids
+  // (LlamaModel::EmbeddingRows).
+  const int64_t exchange = first && o.train_base && a.tie_word_embeddings && world > 1
+                               ? alloc(carved(world * N * C, act) + carved(world * N, 4))
+                               : 0;
   // Layer inputs, the checkpoints: every layer's on the device, or with offload two device slots
   // (the layer being computed and the next one's transfer) and every layer's in pinned host memory.
   const int64_t layer_input = carved(N * C, act);
@@ -261,12 +266,13 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
                       + carved(N * 2 * F, act) + carved(N * F, act)  // gu, h
                       + n_modules * carved(N * r, act);              // LoRA xa per module
   for (int64_t i = 0; i < n_sets; ++i) alloc(set);
-  p.activations = globals - p.logits_chunk + inputs + n_sets * set;
+  p.activations = globals - p.logits_chunk + exchange + inputs + n_sets * set;
   const char* mode = o.checkpointing == Checkpointing::off ? "off" : offload ? "offload" : "on";
   p.notes.activations = std::string("checkpointing ") + mode + ": " + std::to_string(device_inputs) +
                         " layer inputs x " + format_bytes(layer_input) + ", " + std::to_string(n_sets) + " layer set" +
                         (n_sets > 1 ? "s" : "") + " x " + format_bytes(set) + ", inputs and backward buffers " +
-                        format_bytes(globals - p.logits_chunk);
+                        format_bytes(globals - p.logits_chunk) +
+                        (exchange ? ", embedding rows of " + std::to_string(world) + " ranks " + format_bytes(exchange) : "");
   p.notes.logits_chunk =
       std::to_string(chunk) + " rows x " + std::to_string(V) + " vocab, " + act_name + " logits, dlogits in place";
 

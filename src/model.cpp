@@ -342,9 +342,17 @@ void LlamaModel::build_params() {
     }
     base_.grad_buf = be_.alloc(static_cast<size_t>(base_.numel) * 4);
     base_.grad = base_.grad_buf.as(DType::f32, {base_.numel});
+    // A tied embedding is written twice per micro-batch (head, lookup), unless the lookup part
+    // is exchanged as rows: then it is a slot of its own, in the bucket after the others.
+    const bool exchange_rows = a.tie_word_embeddings && opt_.data_parallel_ranks > 1;
     for (const auto& s : base_.specs) {
       const bool tied_embedding = a.tie_word_embeddings && s.name == "model.embed_tokens.weight";
-      base_.slot.push_back(ledger_.add_slot(s.name, tied_embedding ? 2 : 1, s.layer >= 0 ? s.layer : global_bucket));
+      base_.slot.push_back(ledger_.add_slot(s.name, tied_embedding && !exchange_rows ? 2 : 1,
+                                            s.layer >= 0 ? s.layer : global_bucket));
+    }
+    if (exchange_rows) {
+      emb_rows_.bucket = global_bucket + 1;
+      emb_lookup_slot_ = ledger_.add_slot("model.embed_tokens.weight (lookup rows)", 1, emb_rows_.bucket);
     }
   }
 
@@ -426,6 +434,11 @@ void LlamaModel::allocate_activations() {
               {&rstd_final_, DType::f32, {N}},
               {&losses_, DType::f32, {N}},
               {&logits_, act, {loss_chunk_, V}}});
+  if (emb_rows_.bucket >= 0) {
+    const int64_t ranks = opt_.data_parallel_ranks;
+    carve(be_, {{&emb_rows_.rows, act, {ranks * N, C}}, {&emb_rows_.tokens, DType::i32, {ranks * N}}});
+    emb_rows_.rows_per_rank = N;
+  }
   // What every stage's layers use: positions, rotary tables, the projection output and the
   // backward scratch.
   const std::vector<float> inv = rope_inv_freq(a);
@@ -1159,11 +1172,38 @@ double LlamaModel::forward_backward(const ModelInputs& in, float grad_scale, uin
   if (opt_.train_base) {
     const ParamSpec* p = base_.find("model.embed_tokens.weight");
     Tensor dtable = as_matrix(base_.grad_view(*p), a.vocab_size, C);
-    write_grad(-1, {base_slot(-1, "model.embed_tokens.weight")}, [&](float beta) {
-      be_.embedding_backward(dtable, dres, tokens_.flat_slice(0, N), beta);
-    });
+    if (emb_rows_.bucket < 0) {
+      write_grad(-1, {base_slot(-1, "model.embed_tokens.weight")}, [&](float beta) {
+        be_.embedding_backward(dtable, dres, tokens_.flat_slice(0, N), beta);
+      });
+    } else {
+      // The head has written the dense part of this micro-batch already, so the lookup adds to it;
+      // in the step's last micro-batch the rows go to this rank's slot of the exchange instead.
+      write_grad(-1, {emb_lookup_slot_}, [&](float) {
+        if (!ledger_.in_last_micro()) {
+          be_.embedding_backward(dtable, dres, tokens_.flat_slice(0, N), 1.f);
+          return;
+        }
+        const int64_t planned = emb_rows_.rows_per_rank, at = opt_.data_parallel_rank * planned;
+        Tensor my_rows = emb_rows_.rows.row_slice(at, planned), my_tokens = emb_rows_.tokens.flat_slice(at, planned);
+        be_.copy(my_rows.row_slice(0, N), dres);
+        be_.copy(my_tokens.flat_slice(0, N), tokens_.flat_slice(0, N));
+        if (N < planned) {  // zero rows of token 0 add nothing
+          be_.fill(my_rows.row_slice(N, planned - N), 0.f);
+          const std::vector<int32_t> zeros(static_cast<size_t>(planned - N), 0);
+          be_.upload(my_tokens.flat_slice(N, planned - N), zeros.data());
+        }
+      });
+    }
   }
   return loss;
+}
+
+void LlamaModel::add_exchanged_embedding_rows() {
+  RT_ASSERT(emb_rows_.bucket >= 0, "add_exchanged_embedding_rows without an exchange");
+  const ParamSpec* p = base_.find("model.embed_tokens.weight");
+  Tensor dtable = as_matrix(base_.grad_view(*p), opt_.arch.vocab_size, opt_.arch.hidden_size);
+  be_.embedding_backward(dtable, emb_rows_.rows, emb_rows_.tokens, 1.f);
 }
 
 }  // namespace ranktune

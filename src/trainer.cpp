@@ -166,6 +166,8 @@ Session open_session(const RunConfig& cfg, const LaunchInfo& li, int64_t max_bat
                  " ids but the model's vocab_size is " + std::to_string(s.arch.vocab_size));
   ModelOptions options = model_options_from(cfg, s.arch, max_batch);
   options.master_weights = !zero_stage_1(cfg, li);
+  options.data_parallel_ranks = li.world_size;
+  options.data_parallel_rank = li.rank;
   if (s.placement.devices.size() > 1) {
     // device_map auto: consecutive layers on each of this rank's GPUs.
     enable_peer_access(s.placement.devices);
@@ -373,6 +375,7 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
   // Gradients are reduced bucket by bucket during backward: summed on every rank, or under ZeRO-1
   // each piece only to the rank whose shard holds it (the optimizer's shard offsets).
   GradReducer reducer(*comm, params, static_cast<int>(s.arch.n_layers), zero ? &opt.shard_offsets() : nullptr);
+  reducer.exchange_embedding_rows(model);  // full fine-tuning of a tied embedding (see model.h)
   model.ledger().on_bucket_ready = [&](int bucket) { reducer.reduce_bucket(bucket); };
 
   // A checkpoint holds the fp32 masters and the optimizer's states; there must be room for two

@@ -268,6 +268,7 @@ int run_training(const Args& args) {
   o.max_seq = T;
   // ZeRO-1 as the trainer runs it on the GPU: the optimizer keeps the fp32 masters of its shard.
   o.master_weights = args.zero == 0;
+  o.data_parallel_ranks = args.ranks;
   // Memory is counted from after context creation, like torch.cuda.max_memory_allocated; ranktune
   // allocates everything up front, so what is in use after the steps is the peak.
   BENCH_CUDA_CHECK(cudaFree(nullptr));
@@ -275,6 +276,7 @@ int run_training(const Args& args) {
   BENCH_CUDA_CHECK(cudaMemGetInfo(&free_start, &total));
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  o.data_parallel_rank = rank;
   const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
   std::unique_ptr<Backend> cuda = make_cuda_backend(local ? std::atoi(local) : 0);
   std::unique_ptr<bench::ProfilingBackend> prof;
@@ -295,6 +297,7 @@ int run_training(const Args& args) {
   Optimizer opt(be, model.trainable(), tc, args.zero ? comm.get() : nullptr);
   GradReducer reducer(*comm, model.trainable(), static_cast<int>(a.n_layers),
                       args.zero ? &opt.shard_offsets() : nullptr);
+  reducer.exchange_embedding_rows(model);  // as the trainer: the tied embedding's lookup rows
   model.ledger().on_bucket_ready = [&](int bucket) { reducer.reduce_bucket(bucket); };
   int64_t step_no = 0;
   std::vector<int32_t> tokens(static_cast<size_t>(B * T)), targets(tokens.size()), positions(tokens.size());

@@ -119,6 +119,9 @@ class GradReducer {
  public:
   GradReducer(Communicator& comm, ParamGroup& params, int n_layers,
               const std::vector<int64_t>* shard_offsets = nullptr);
+  // Also exchange the model's embedding rows (LlamaModel::EmbeddingRows) when their bucket is
+  // reported, and add them to the gradient in finish(). A no-op for a model without the exchange.
+  void exchange_embedding_rows(LlamaModel& model);
   void reduce_bucket(int bucket);
   void finish(int64_t step);
 
@@ -131,6 +134,8 @@ class GradReducer {
   Tensor grad_;
   bool sharded_ = false;
   std::vector<std::vector<Piece>> pieces_;  // per bucket
+  LlamaModel* rows_model_ = nullptr;        // exchanges its embedding rows
+  bool rows_started_ = false;
 };
 
 // NCCL when the backend is a GPU (and ranktune was built with CUDA), MPI

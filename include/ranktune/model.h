@@ -51,6 +51,7 @@ class GradLedger {
   int64_t reductions(int bucket) const { return bucket_reductions_[static_cast<size_t>(bucket)]; }
   int find(const std::string& name) const;
   size_t n_slots() const { return slots_.size(); }
+  bool in_last_micro() const { return in_step_ && micro_ == n_micro_ - 1; }
 
  private:
   struct Slot {
@@ -107,6 +108,11 @@ struct ModelOptions {
   bool load_in_4bit = false;
   // device_map auto: how many consecutive layers each backend (GPU) holds; empty = all on one.
   std::vector<int64_t> stage_layers;
+  // Ranks of data parallelism. With full fine-tuning of a tied embedding over several ranks the
+  // embedding's lookup gradient of a step's last micro-batch is exchanged as rows (see
+  // LlamaModel::EmbeddingRows) instead of being summed as part of the dense [vocab, hidden] tensor.
+  int data_parallel_ranks = 1;
+  int data_parallel_rank = 0;  // this rank's place among them
 };
 // device_map auto: consecutive layers per GPU, balanced so that each GPU's share of the memory --
 // its layers' frozen weights and activations, and on the first GPU the embedding, head, logits
@@ -146,6 +152,24 @@ class LlamaModel {
   // The group the optimizer updates: the LoRA adapters, or the base model in full fine-tuning.
   ParamGroup& trainable() { return opt_.train_base ? base_ : lora_; }
   GradLedger& ledger() { return ledger_; }
+
+  // Data-parallel full fine-tuning of a tied embedding (ModelOptions.data_parallel_ranks > 1). The
+  // embedding's gradient has two parts: the LM head's, dense and final right after the head, and
+  // the lookup's, at most one row per token and final only at the very end of backward. Summing the
+  // dense tensor after both would put a 1 GB reduction (at the 1B shape) after the last layer, with
+  // nothing left to overlap it. So the lookup part of a step's last micro-batch gets a ledger slot
+  // of its own, in a bucket of its own (`bucket`): the dense tensor's bucket is reduced during
+  // backward, and this one is "reduced" by exchanging rows: every rank copies its [N, hidden]
+  // gradient rows and token ids into its slot of `rows` / `tokens` (zero-padded to the planned N),
+  // GradReducer broadcasts each rank's slot to all, and add_exchanged_embedding_rows() adds every
+  // rank's rows to the reduced gradient, in rank order (so every rank adds them alike).
+  struct EmbeddingRows {
+    int bucket = -1;             // -1: not exchanged (one rank, LoRA, or an untied embedding)
+    Tensor rows, tokens;         // [ranks * N, hidden] act and [ranks * N] i32, rank-major
+    int64_t rows_per_rank = 0;   // N, the planned B * T
+  };
+  const EmbeddingRows& embedding_rows() const { return emb_rows_; }
+  void add_exchanged_embedding_rows();
 
   // HF's init: N(0, 0.02) for linear and embedding weights, 1 for norms (host RNG: identical on
   // every backend).
@@ -246,6 +270,8 @@ class LlamaModel {
   std::vector<Tensor> host_inputs_;
   std::vector<int> to_host_ticket_;
   int slot_holds_[2] = {-1, -1};  // the layer whose input each device slot holds
+  EmbeddingRows emb_rows_;
+  int emb_lookup_slot_ = -1;  // the lookup part's ledger slot when the rows are exchanged
   Tensor x_final_, ln_final_, rstd_final_, losses_, logits_;  // logits_: one loss chunk, dlogits in place
   bool have_doc_ids_ = false;
   KvCache kv_;
