@@ -775,7 +775,13 @@ void LlamaModel::upload_inputs(const ModelInputs& in) {
 void LlamaModel::linear_forward(Tensor y, Tensor x, int l, const std::vector<LinearPart>& parts, Tensor weight,
                                 uint64_t dropout_seed) {
   Backend& b = be(l);
-  if (!y.empty()) b.matmul(y, x, weight, false, true, 1.f, 0.f);
+  // When the adapters cover every output column they go first, writing y, and the base GEMM adds
+  // x W^T in its epilogue (beta 1): the adapters' K = r GEMMs are bound by memory traffic, and this
+  // spares each of them a read of its slice of y. Otherwise the base GEMM writes y first.
+  int64_t covered = 0;
+  for (const LinearPart& part : parts) covered += part.out;
+  const bool adapters_first = !y.empty() && covered == y.cols();
+  if (!y.empty() && !adapters_first) b.matmul(y, x, weight, false, true, 1.f, 0.f);
   for (const LinearPart& part : parts) {
     Tensor xa = part.xa.row_slice(0, N_);
     Tensor xin = x;
@@ -784,8 +790,10 @@ void LlamaModel::linear_forward(Tensor y, Tensor x, int l, const std::vector<Lin
       b.dropout(xin, x, opt_.lora_dropout, mix_seed(dropout_seed, static_cast<uint64_t>(l), static_cast<uint64_t>(part.module_index)));
     }
     b.matmul(xa, xin, part.a, false, true, 1.f, 0.f);
-    if (!y.empty()) b.matmul(y.col_slice(part.col, part.out), xa, part.b, false, true, opt_.lora_scaling, 1.f);
+    if (!y.empty())
+      b.matmul(y.col_slice(part.col, part.out), xa, part.b, false, true, opt_.lora_scaling, adapters_first ? 0.f : 1.f);
   }
+  if (adapters_first) b.matmul(y, x, weight, false, true, 1.f, 1.f);
 }
 
 void LlamaModel::layer_forward(int l, bool recompute, uint64_t dropout_seed) {
@@ -1017,7 +1025,10 @@ void LlamaModel::linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const st
                                  Tensor weight, const std::vector<int>& weight_slots, uint64_t dropout_seed) {
   Backend& b = be(l);
   Stage& S = stage(l);
-  if (!dx.empty()) b.matmul(dx, dy, weight, false, false, 1.f, 0.f);
+  // As in linear_forward: without dropout the adapters write dx first and the base GEMM adds dy W
+  // in its epilogue, sparing the first adapter a read of dx.
+  const bool adapters_first = !dx.empty() && !parts.empty() && opt_.lora_dropout == 0;
+  if (!dx.empty() && !adapters_first) b.matmul(dx, dy, weight, false, false, 1.f, 0.f);
   if (opt_.train_base && !weight_slots.empty()) {
     const ParamSpec& first = *std::find_if(base_.specs.begin(), base_.specs.end(), [&](const ParamSpec& p) {
       return base_.slot[static_cast<size_t>(&p - base_.specs.data())] == weight_slots.front();
@@ -1051,9 +1062,10 @@ void LlamaModel::linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const st
       b.dropout(tmp, tmp, opt_.lora_dropout, seed);
       b.add(dx, tmp);
     } else {
-      b.matmul(dx, dxa, part.a, false, false, 1.f, 1.f);
+      b.matmul(dx, dxa, part.a, false, false, 1.f, adapters_first && &part == &parts.front() ? 0.f : 1.f);
     }
   }
+  if (adapters_first) b.matmul(dx, dy, weight, false, false, 1.f, 1.f);
 }
 
 void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
