@@ -901,7 +901,7 @@ void LlamaModel::forward(const ModelInputs& in, bool training, uint64_t dropout_
 // dtype (bf16 on the GPU, as under HF's autocast; the softmax runs in fp32), loss per row, and in
 // training dlogits (written over the logits) -> d ln_final (into the first stage's dln) and the
 // head's weight gradient.
-double LlamaModel::head_loss(int64_t n_rows, bool backward, float grad_scale, std::vector<float>* logits_out) {
+void LlamaModel::head_loss(int64_t n_rows, bool backward, float grad_scale, std::vector<float>* logits_out) {
   const LlamaArch& a = opt_.arch;
   const int64_t V = a.vocab_size, C = a.hidden_size;
   const std::string head_name = a.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
@@ -929,6 +929,11 @@ double LlamaModel::head_loss(int64_t n_rows, bool backward, float grad_scale, st
   } else {
     pass(0.f, Tensor());
   }
+}
+
+// The sum of the first n_rows token losses of the last head pass. It synchronizes with the device,
+// so training calls it after queueing the whole backward.
+double LlamaModel::sum_losses(int64_t n_rows) {
   std::vector<float> losses(static_cast<size_t>(n_rows));
   be_.download(losses.data(), losses_.flat_slice(0, n_rows));
   double sum = 0;
@@ -939,7 +944,8 @@ double LlamaModel::head_loss(int64_t n_rows, bool backward, float grad_scale, st
 double LlamaModel::forward_loss(const ModelInputs& in, std::vector<float>* logits) {
   forward(in, false, 0);
   if (logits) logits->clear();
-  return head_loss(N_, false, 0.f, logits);
+  head_loss(N_, false, 0.f, logits);
+  return sum_losses(N_);
 }
 
 // ---- generation with a KV cache ------------------------------------------------------------------------
@@ -1137,7 +1143,7 @@ void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
 double LlamaModel::forward_backward(const ModelInputs& in, float grad_scale, uint64_t dropout_seed) {
   const LlamaArch& a = opt_.arch;
   forward(in, true, dropout_seed);
-  const double loss = head_loss(N_, true, grad_scale, nullptr);
+  head_loss(N_, true, grad_scale, nullptr);
   // d ln_final is in the first stage's dln; through the final norm into the residual stream's gradient.
   const int64_t N = N_, C = a.hidden_size;
   Tensor dres = stages_[0].dres.row_slice(0, N);
@@ -1208,7 +1214,7 @@ double LlamaModel::forward_backward(const ModelInputs& in, float grad_scale, uin
       });
     }
   }
-  return loss;
+  return sum_losses(N);
 }
 
 void LlamaModel::add_exchanged_embedding_rows() {

@@ -235,7 +235,8 @@ class LlamaModel {
   void forward(const ModelInputs& in, bool training, uint64_t dropout_seed);
   void layer_forward(int l, bool recompute, uint64_t dropout_seed);
   void layer_backward(int l, uint64_t dropout_seed);
-  double head_loss(int64_t n_rows, bool backward, float grad_scale, std::vector<float>* logits);
+  void head_loss(int64_t n_rows, bool backward, float grad_scale, std::vector<float>* logits);
+  double sum_losses(int64_t n_rows);
   void linear_forward(Tensor y, Tensor x, int l, const std::vector<LinearPart>& parts, Tensor weight,
                       uint64_t dropout_seed);
   void linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const std::vector<LinearPart>& parts,
