@@ -128,16 +128,40 @@ double Optimizer::reduce_and_norm() {
 
 void Optimizer::step(double lr, float grad_scale) {
   ++step_;
+  AdamWParams hp;
+  hp.lr = static_cast<float>(lr);
+  hp.beta1 = beta1_;
+  hp.beta2 = beta2_;
+  hp.eps = eps_;
+  hp.step = step_;
+  hp.grad_scale = grad_scale;
+  const auto decay_of = [&](const ParamSpec& p) { return p.is_norm ? 0.f : weight_decay_; };  // none on norms
+  // fp32 AdamW: adjacent tensors with the same weight decay are one launch over their flat range
+  // (the masters, weights, gradients and moments are all laid out by offset), so a step is a few
+  // launches (one without weight decay) instead of one per tensor -- ~150 for a full model, many of
+  // them norms of a few thousand values, where launches, not bandwidth, set the time.
+  int64_t run_begin = 0, run_end = 0;
+  const auto flush = [&] {
+    if (run_end == run_begin) return;
+    const int64_t n = run_end - run_begin, at = run_begin - mine_.begin;
+    Tensor master = master_.empty() ? params_.master.flat_slice(run_begin, n) : master_.flat_slice(at, n);
+    be_.adamw_step(master, params_.compute.flat_slice(run_begin, n), params_.grad.flat_slice(run_begin, n),
+                   m_.flat_slice(at, n), v_.flat_slice(at, n), hp);
+    run_begin = run_end;
+  };
+  const bool merge = kind_ != "adamw_8bit" && params_.stage_views.empty();
   int64_t q_offset = 0, block_offset = 0;  // adamw_8bit: this shard's codes and blocks so far
   const auto update = [&](const ParamSpec& p) {
-    AdamWParams hp;
-    hp.lr = static_cast<float>(lr);
-    hp.beta1 = beta1_;
-    hp.beta2 = beta2_;
-    hp.eps = eps_;
-    hp.weight_decay = p.is_norm ? 0.f : weight_decay_;  // no decay on norms
-    hp.step = step_;
-    hp.grad_scale = grad_scale;
+    if (merge) {
+      if (run_end != p.offset || (run_end > run_begin && hp.weight_decay != decay_of(p))) {
+        flush();
+        run_begin = run_end = p.offset;
+      }
+      hp.weight_decay = decay_of(p);
+      run_end = p.offset + p.numel;
+      return;
+    }
+    hp.weight_decay = decay_of(p);
     Tensor master = master_view(p), compute = params_.compute_view(p), grad = params_.grad_view(p);
     if (kind_ == "adamw_8bit") {
       const int64_t nb = (p.numel + kAdam8BitBlock - 1) / kAdam8BitBlock;
@@ -152,6 +176,7 @@ void Optimizer::step(double lr, float grad_scale) {
   };
   if (!zero_) {
     for (size_t i = mine_.first; i < mine_.last; ++i) update(params_.specs[i]);
+    flush();
     return;
   }
   // The all-gather of the compute copies, pipelined with the updates in kGatherRounds rounds: a
@@ -169,6 +194,7 @@ void Optimizer::step(double lr, float grad_scale) {
   for (int64_t j = 0; j < kGatherRounds; ++j) {
     for (size_t i = mine_.first; i < mine_.last; ++i)
       if (round_of(mine_, i) == j) update(params_.specs[i]);
+    flush();
     std::vector<Communicator::Broadcast> batch;
     for (size_t r = 0; r < shards_.size(); ++r)
       for (size_t i = shards_[r].first; i < shards_[r].last; ++i)
