@@ -241,7 +241,7 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
                           + carved(N * C, act) + carved(N * std::max(C, Q), act)  // dres, dln
                           + carved(N * QKV, act) + carved(N * Q, act)             // dqkv, datt
                           + carved(N * F, act)                                    // dh (dgu overwrites gu)
-                          + carved(N * r, act)                                    // dxa
+                          + carved(N * (o.lora ? 3 : 1) * r, act)                 // dxa (q, k, v side by side)
                           + 2 * carved(drop_rows * widest, act);                  // drop_scratch, lora_tmp
   alloc(globals);
   // Data-parallel full fine-tuning of a tied embedding: every rank's lookup rows and token ids
@@ -257,14 +257,26 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   const int64_t inputs = alloc(device_inputs * layer_input);
   if (offload) p.host_pinned = a.n_layers * N * C * act;
   // Per-layer sets: one per layer, or one recompute set with checkpointing.
-  const int64_t n_modules = o.lora ? static_cast<int64_t>(o.lora_targets.size()) : 0;
+  // LoRA xa: one [N, modules * r] buffer per fused projection with adapters (q,k,v | o | gate,up | down).
+  int64_t lora_xa = 0;
+  if (o.lora) {
+    const auto count = [&](std::initializer_list<const char*> modules) {
+      int64_t n = 0;
+      for (const char* m : modules)
+        n += std::find(o.lora_targets.begin(), o.lora_targets.end(), m) != o.lora_targets.end() ? 1 : 0;
+      return n;
+    };
+    for (const int64_t g : {count({"q_proj", "k_proj", "v_proj"}), count({"o_proj"}), count({"gate_proj", "up_proj"}),
+                            count({"down_proj"})})
+      if (g > 0) lora_xa += carved(N * g * r, act);
+  }
   const int64_t n_sets = o.checkpointing == Checkpointing::off ? layers : 1;
   const int64_t set = carved(N * C, act) + carved(N, 4)              // ln1, rstd1
                       + carved(N * QKV, act) + carved(N * Q, act)    // qkv, att
                       + carved(B * H * T, 4)                         // lse
                       + 2 * carved(N * C, act) + carved(N, 4)        // x_mid, ln2, rstd2
                       + carved(N * 2 * F, act) + carved(N * F, act)  // gu, h
-                      + n_modules * carved(N * r, act);              // LoRA xa per module
+                      + lora_xa;                                     // LoRA xa per fused projection
   for (int64_t i = 0; i < n_sets; ++i) alloc(set);
   p.activations = globals - p.logits_chunk + exchange + inputs + n_sets * set;
   const char* mode = o.checkpointing == Checkpointing::off ? "off" : offload ? "offload" : "on";

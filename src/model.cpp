@@ -187,9 +187,19 @@ struct LlamaModel::LinearPart {
   Tensor xa;             // [N, r] saved activation drop(x) A^T (per layer)
 };
 
+// The LoRA parts of one fused projection, with their A matrices stacked (adjacent in the LoRA
+// buffers, see build_params): a [parts * r, in], and xa [N, parts * r] whose column slices are the
+// parts' xa. Without dropout one GEMM computes every part's drop(x) A^T, one its A gradients and one
+// its contribution to dx.
+struct LlamaModel::LoraGroup {
+  std::vector<LinearPart> parts;
+  Tensor a, grad_a, xa;
+  std::vector<int> slots_a;
+};
+
 struct LlamaModel::LayerActs {
   Tensor ln1, rstd1, qkv, att, lse, x_mid, ln2, rstd2, gu, h;
-  std::vector<LinearPart> qkv_parts, o_parts, gate_up_parts, down_parts;
+  LoraGroup qkv_lora, o_lora, gate_up_lora, down_lora;
 };
 
 // A backend (one GPU under device_map auto) with the inputs, activations and scratch its layers use.
@@ -357,19 +367,32 @@ void LlamaModel::build_params() {
   }
 
   if (!opt_.lora) return;
-  // LoRA adapters, in layer order, modules in the fixed q,k,v,o,gate,up,down order.
+  // LoRA adapters, in layer order; within a layer by fused projection (qkv, o, gate_up, down), the
+  // targeted modules' A matrices first, then their B matrices (modules in q,k,v,o,gate,up,down
+  // order). The A matrices of one projection are then one [modules * r, in] matrix, so its inputs'
+  // LoRA products drop(x) A^T for all its modules are one GEMM, and so are their gradients.
   int64_t offset = 0;
   const int64_t r = opt_.lora_r;
+  const auto targeted = [&](const std::string& m) {
+    return std::find(opt_.lora_targets.begin(), opt_.lora_targets.end(), m) != opt_.lora_targets.end();
+  };
   for (int l = 0; l < a.n_layers; ++l) {
-    for (const auto& site : kSites) {
-      const std::string m = site.module;
-      if (std::find(opt_.lora_targets.begin(), opt_.lora_targets.end(), m) == opt_.lora_targets.end()) continue;
-      const auto [out, in] = projection_shape(a, m);
-      const std::string p = module_prefix(l, m);
-      lora_.specs.push_back({p + ".lora_A.weight", {r, in}, offset, r * in, l, false});
-      offset += r * in;
-      lora_.specs.push_back({p + ".lora_B.weight", {out, r}, offset, out * r, l, false});
-      offset += out * r;
+    for (const char* fused : {"qkv", "o", "gate_up", "down"}) {
+      for (const char* matrix : {"A", "B"}) {
+        for (const auto& site : kSites) {
+          const std::string m = site.module;
+          if (std::string(site.fused) != fused || !targeted(m)) continue;
+          const auto [out, in] = projection_shape(a, m);
+          const std::string p = module_prefix(l, m);
+          if (std::string(matrix) == "A") {
+            lora_.specs.push_back({p + ".lora_A.weight", {r, in}, offset, r * in, l, false});
+            offset += r * in;
+          } else {
+            lora_.specs.push_back({p + ".lora_B.weight", {out, r}, offset, out * r, l, false});
+            offset += out * r;
+          }
+        }
+      }
     }
   }
   lora_.numel = offset;
@@ -461,7 +484,8 @@ void LlamaModel::allocate_activations() {
                    {&st.dqkv, act, {N, a.qkv_dim()}},
                    {&st.datt, act, {N, a.q_dim()}},
                    {&st.dh, act, {N, F}},
-                   {&st.dxa, act, {N, std::max<int64_t>(opt_.lora_r, 1)}},
+                   // s dy B of every adapter of one fused projection (at most q, k, v: 3)
+                   {&st.dxa, act, {N, (opt_.lora ? 3 : 1) * std::max<int64_t>(opt_.lora_r, 1)}},
                    {&st.drop_scratch, act, {opt_.lora_dropout > 0 ? N : 1, std::max({C, F, a.q_dim()})}},
                    {&st.lora_tmp, act, {opt_.lora_dropout > 0 ? N : 1, std::max({C, F, a.q_dim()})}}});
     st.dln = st.dln.view({N * std::max(C, a.q_dim())});
@@ -502,8 +526,16 @@ void LlamaModel::allocate_activations() {
   layer_acts_.resize(static_cast<size_t>(a.n_layers));
   std::vector<LayerActs> sets(static_cast<size_t>(n_sets));
   const int64_t r = std::max<int64_t>(opt_.lora_r, 1);
-  const int n_modules = opt_.lora ? static_cast<int>(opt_.lora_targets.size()) : 0;
-  std::vector<Tensor> xa_sets(static_cast<size_t>(n_sets * std::max(n_modules, 1)));
+  // One xa buffer per fused projection with adapters: [N, its modules * r].
+  const char* const kFused[] = {"qkv", "o", "gate_up", "down"};
+  int64_t group_modules[4] = {0, 0, 0, 0};
+  if (opt_.lora)
+    for (const auto& site : kSites)
+      for (int g = 0; g < 4; ++g)
+        if (std::string(site.fused) == kFused[g] &&
+            std::find(opt_.lora_targets.begin(), opt_.lora_targets.end(), site.module) != opt_.lora_targets.end())
+          ++group_modules[g];
+  std::vector<Tensor> xa_sets(static_cast<size_t>(n_sets * 4));
   for (int set = 0; set < n_sets; ++set) {
     LayerActs& A = sets[static_cast<size_t>(set)];
     std::vector<Want> wants = {{&A.ln1, act, {N, C}},           {&A.rstd1, DType::f32, {N}},
@@ -511,7 +543,8 @@ void LlamaModel::allocate_activations() {
                                {&A.lse, DType::f32, {B_, H, T_}}, {&A.x_mid, act, {N, C}},
                                {&A.ln2, act, {N, C}},           {&A.rstd2, DType::f32, {N}},
                                {&A.gu, act, {N, 2 * F}},        {&A.h, act, {N, F}}};
-    for (int m = 0; m < n_modules; ++m) wants.push_back({&xa_sets[static_cast<size_t>(set * n_modules + m)], act, {N, r}});
+    for (int g = 0; g < 4; ++g)
+      if (group_modules[g] > 0) wants.push_back({&xa_sets[static_cast<size_t>(set * 4 + g)], act, {N, group_modules[g] * r}});
     carve(ckpt ? *stages_[static_cast<size_t>(set)].be : be(set), wants);
   }
 
@@ -521,35 +554,42 @@ void LlamaModel::allocate_activations() {
     LayerActs& A = layer_acts_[static_cast<size_t>(l)];
     A = sets[static_cast<size_t>(set)];
     if (!opt_.lora) continue;
-    int m_index = 0;
-    for (int site = 0; site < 7; ++site) {
-      const std::string m = kSites[site].module;
-      if (std::find(opt_.lora_targets.begin(), opt_.lora_targets.end(), m) == opt_.lora_targets.end()) continue;
-      const std::string p = module_prefix(l, m);
-      const ParamSpec* sa = lora_.find(p + ".lora_A.weight");
-      const ParamSpec* sb = lora_.find(p + ".lora_B.weight");
-      LinearPart part;
-      part.out = sb->shape[0];
-      part.col = 0;
-      if (m == "k_proj") part.col = a.q_dim();
-      if (m == "v_proj") part.col = a.q_dim() + a.kv_dim();
-      if (m == "up_proj") part.col = a.intermediate_size;
-      part.a = as_matrix(lora_.compute_view(*sa), sa->shape[0], sa->shape[1]);
-      part.b = as_matrix(lora_.compute_view(*sb), sb->shape[0], sb->shape[1]);
-      if (!lora_.grad.empty()) {
-        part.grad_a = as_matrix(lora_.grad_view(*sa), sa->shape[0], sa->shape[1]);
-        part.grad_b = as_matrix(lora_.grad_view(*sb), sb->shape[0], sb->shape[1]);
-        part.slot_a = lora_.slot[static_cast<size_t>(sa - lora_.specs.data())];
-        part.slot_b = lora_.slot[static_cast<size_t>(sb - lora_.specs.data())];
+    for (int g = 0; g < 4; ++g) {
+      LoraGroup& group = g == 0 ? A.qkv_lora : g == 1 ? A.o_lora : g == 2 ? A.gate_up_lora : A.down_lora;
+      for (int site = 0; site < 7; ++site) {
+        const std::string m = kSites[site].module;
+        if (std::string(kSites[site].fused) != kFused[g] ||
+            std::find(opt_.lora_targets.begin(), opt_.lora_targets.end(), m) == opt_.lora_targets.end())
+          continue;
+        const std::string p = module_prefix(l, m);
+        const ParamSpec* sa = lora_.find(p + ".lora_A.weight");
+        const ParamSpec* sb = lora_.find(p + ".lora_B.weight");
+        LinearPart part;
+        part.out = sb->shape[0];
+        part.col = 0;
+        if (m == "k_proj") part.col = a.q_dim();
+        if (m == "v_proj") part.col = a.q_dim() + a.kv_dim();
+        if (m == "up_proj") part.col = a.intermediate_size;
+        part.a = as_matrix(lora_.compute_view(*sa), sa->shape[0], sa->shape[1]);
+        part.b = as_matrix(lora_.compute_view(*sb), sb->shape[0], sb->shape[1]);
+        if (!lora_.grad.empty()) {
+          part.grad_a = as_matrix(lora_.grad_view(*sa), sa->shape[0], sa->shape[1]);
+          part.grad_b = as_matrix(lora_.grad_view(*sb), sb->shape[0], sb->shape[1]);
+          part.slot_a = lora_.slot[static_cast<size_t>(sa - lora_.specs.data())];
+          part.slot_b = lora_.slot[static_cast<size_t>(sb - lora_.specs.data())];
+          group.slots_a.push_back(part.slot_a);
+        }
+        part.module_index = site;
+        part.xa = xa_sets[static_cast<size_t>(set * 4 + g)].col_slice(static_cast<int64_t>(group.parts.size()) * r, r);
+        group.parts.push_back(part);
       }
-      part.module_index = site;
-      part.xa = xa_sets[static_cast<size_t>(set * n_modules + m_index)];
-      ++m_index;
-      const std::string fused = kSites[site].fused;
-      if (fused == "qkv") A.qkv_parts.push_back(part);
-      else if (fused == "o") A.o_parts.push_back(part);
-      else if (fused == "gate_up") A.gate_up_parts.push_back(part);
-      else A.down_parts.push_back(part);
+      if (group.parts.empty()) continue;
+      // The parts' A matrices are adjacent (build_params), so together they are one matrix.
+      const int64_t in = group.parts.front().a.cols(), rows = static_cast<int64_t>(group.parts.size()) * r;
+      const ParamSpec* first_a = lora_.find(module_prefix(l, kSites[group.parts.front().module_index].module) + ".lora_A.weight");
+      group.a = as_matrix(lora_.compute.flat_slice(first_a->offset, rows * in), rows, in);
+      if (!lora_.grad.empty()) group.grad_a = as_matrix(lora_.grad.flat_slice(first_a->offset, rows * in), rows, in);
+      group.xa = xa_sets[static_cast<size_t>(set * 4 + g)];
     }
   }
 }
@@ -772,9 +812,10 @@ void LlamaModel::upload_inputs(const ModelInputs& in) {
 
 // y = x W^T (+ the LoRA parts: y[:, col:col+out] += s * drop(x) A^T B^T). With y empty only the
 // LoRA products xa = drop(x) A^T are computed (what backward needs from a recompute).
-void LlamaModel::linear_forward(Tensor y, Tensor x, int l, const std::vector<LinearPart>& parts, Tensor weight,
+void LlamaModel::linear_forward(Tensor y, Tensor x, int l, const LoraGroup& lora, Tensor weight,
                                 uint64_t dropout_seed) {
   Backend& b = be(l);
+  const std::vector<LinearPart>& parts = lora.parts;
   // When the adapters cover every output column they go first, writing y, and the base GEMM adds
   // x W^T in its epilogue (beta 1): the adapters' K = r GEMMs are bound by memory traffic, and this
   // spares each of them a read of its slice of y. Otherwise the base GEMM writes y first.
@@ -782,14 +823,16 @@ void LlamaModel::linear_forward(Tensor y, Tensor x, int l, const std::vector<Lin
   for (const LinearPart& part : parts) covered += part.out;
   const bool adapters_first = !y.empty() && covered == y.cols();
   if (!y.empty() && !adapters_first) b.matmul(y, x, weight, false, true, 1.f, 0.f);
+  const bool dropout = opt_.lora_dropout > 0 && training_;
+  // Without dropout every part sees the same x: one GEMM for all their xa.
+  if (!parts.empty() && !dropout) b.matmul(lora.xa.row_slice(0, N_), x, lora.a, false, true, 1.f, 0.f);
   for (const LinearPart& part : parts) {
     Tensor xa = part.xa.row_slice(0, N_);
-    Tensor xin = x;
-    if (opt_.lora_dropout > 0 && training_) {
-      xin = stage(l).drop_scratch.row_slice(0, N_).col_slice(0, x.cols());
+    if (dropout) {
+      Tensor xin = stage(l).drop_scratch.row_slice(0, N_).col_slice(0, x.cols());
       b.dropout(xin, x, opt_.lora_dropout, mix_seed(dropout_seed, static_cast<uint64_t>(l), static_cast<uint64_t>(part.module_index)));
+      b.matmul(xa, xin, part.a, false, true, 1.f, 0.f);
     }
-    b.matmul(xa, xin, part.a, false, true, 1.f, 0.f);
     if (!y.empty())
       b.matmul(y.col_slice(part.col, part.out), xa, part.b, false, true, opt_.lora_scaling, adapters_first ? 0.f : 1.f);
   }
@@ -814,25 +857,25 @@ void LlamaModel::layer_forward(int l, bool recompute, uint64_t dropout_seed) {
     b.residual_rmsnorm_forward(Tensor(), ln1, A.rstd1.flat_slice(0, N), x_in, Tensor(),
                                  base_weight(l, "input_layernorm.weight"), eps);
   // Attention block.
-  linear_forward(qkv, ln1, l, A.qkv_parts, base_weight(l, "self_attn.qkv"), dropout_seed);
+  linear_forward(qkv, ln1, l, A.qkv_lora, base_weight(l, "self_attn.qkv"), dropout_seed);
   Tensor q = qkv.col_slice(0, a.q_dim()), k = qkv.col_slice(a.q_dim(), a.kv_dim()),
          v = qkv.col_slice(a.q_dim() + a.kv_dim(), a.kv_dim());
   Tensor pos = S.positions.flat_slice(0, N);
   b.rope_forward(q, pos, S.rope_cos, S.rope_sin, a.head_dim);
   b.rope_forward(k, pos, S.rope_cos, S.rope_sin, a.head_dim);
   attend(l, att, A.lse.flat_slice(0, B_ * a.n_heads * T_), q, k, v);
-  linear_forward(delta, att, l, A.o_parts, base_weight(l, "self_attn.o_proj.weight"), dropout_seed);
+  linear_forward(delta, att, l, A.o_lora, base_weight(l, "self_attn.o_proj.weight"), dropout_seed);
   b.residual_rmsnorm_forward(x_mid, ln2, A.rstd2.flat_slice(0, N), x_in, delta,
                                base_weight(l, "post_attention_layernorm.weight"), eps);
   // MLP block.
-  linear_forward(gu, ln2, l, A.gate_up_parts, base_weight(l, "mlp.gate_up"), dropout_seed);
+  linear_forward(gu, ln2, l, A.gate_up_lora, base_weight(l, "mlp.gate_up"), dropout_seed);
   b.swiglu_forward(h, gu.col_slice(0, F), gu.col_slice(F, F));
   if (recompute) {
     // Backward needs the down projection's LoRA input product, not its output.
-    linear_forward(Tensor(), h, l, A.down_parts, Tensor(), dropout_seed);
+    linear_forward(Tensor(), h, l, A.down_lora, Tensor(), dropout_seed);
     return;
   }
-  linear_forward(delta, h, l, A.down_parts, base_weight(l, "mlp.down_proj.weight"), dropout_seed);
+  linear_forward(delta, h, l, A.down_lora, base_weight(l, "mlp.down_proj.weight"), dropout_seed);
   // Residual add fused with the next norm: the next layer's input and its ln1, or the final norm
   // (written into the next stage's or the first stage's memory when they are on another GPU).
   if (l + 1 < a.n_layers) {
@@ -1027,13 +1070,16 @@ std::vector<float> LlamaModel::head_logits(int64_t n_rows) {
 
 // Given dy = d loss / d y for y = x W^T (+ LoRA parts): dx = dy W (+ LoRA), written (not
 // accumulated) when dx is non-empty; the weight's and adapters' gradients through the ledger.
-void LlamaModel::linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const std::vector<LinearPart>& parts,
-                                 Tensor weight, const std::vector<int>& weight_slots, uint64_t dropout_seed) {
+void LlamaModel::linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const LoraGroup& lora, Tensor weight,
+                                 const std::vector<int>& weight_slots, uint64_t dropout_seed) {
   Backend& b = be(l);
   Stage& S = stage(l);
+  const std::vector<LinearPart>& parts = lora.parts;
+  const int64_t r = opt_.lora_r;
   // As in linear_forward: without dropout the adapters write dx first and the base GEMM adds dy W
   // in its epilogue, sparing the first adapter a read of dx.
-  const bool adapters_first = !dx.empty() && !parts.empty() && opt_.lora_dropout == 0;
+  const bool dropout = opt_.lora_dropout > 0;
+  const bool adapters_first = !dx.empty() && !parts.empty() && !dropout;
   if (!dx.empty() && !adapters_first) b.matmul(dx, dy, weight, false, false, 1.f, 0.f);
   if (opt_.train_base && !weight_slots.empty()) {
     const ParamSpec& first = *std::find_if(base_.specs.begin(), base_.specs.end(), [&](const ParamSpec& p) {
@@ -1042,36 +1088,42 @@ void LlamaModel::linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const st
     Tensor dw = base_.grad.flat_slice(first.offset, weight.numel()).view({weight.rows(), weight.cols()});
     write_grad(l, weight_slots, [&](float beta) { b.matmul(dw, dy, x, true, false, 1.f, beta); });
   }
-  for (const LinearPart& part : parts) {
+  if (parts.empty()) return;
+  // dxa = s dy B per part, side by side in one [N, parts * r] buffer.
+  const int64_t width = static_cast<int64_t>(parts.size()) * r;
+  Tensor dxa_all = S.dxa.flat_slice(0, N_ * width).view({N_, width});
+  for (size_t j = 0; j < parts.size(); ++j) {
+    const LinearPart& part = parts[j];
     Tensor dy_part = dy.col_slice(part.col, part.out);
     Tensor xa = part.xa.row_slice(0, N_);
-    Tensor dxa = S.dxa.flat_slice(0, N_ * opt_.lora_r).view({N_, opt_.lora_r});
-    Tensor xin = x;
-    const uint64_t seed = mix_seed(dropout_seed, static_cast<uint64_t>(l), static_cast<uint64_t>(part.module_index));
-    if (opt_.lora_dropout > 0) {
-      xin = S.drop_scratch.row_slice(0, N_).col_slice(0, x.cols());
-      b.dropout(xin, x, opt_.lora_dropout, seed);
-    }
-    b.matmul(dxa, dy_part, part.b, false, false, opt_.lora_scaling, 0.f);  // s * dy B
-    if (!part.grad_b.empty()) {
+    Tensor dxa = dxa_all.col_slice(static_cast<int64_t>(j) * r, r);
+    b.matmul(dxa, dy_part, part.b, false, false, opt_.lora_scaling, 0.f);  // s dy B
+    if (!part.grad_b.empty())
       write_grad(l, {part.slot_b}, [&](float beta) {
         b.matmul(part.grad_b, dy_part, xa, true, false, opt_.lora_scaling, beta);  // s dy^T xa
       });
+    if (!dropout) continue;
+    // With dropout each part saw its own mask of x: its A gradient and dx term one by one.
+    const uint64_t seed = mix_seed(dropout_seed, static_cast<uint64_t>(l), static_cast<uint64_t>(part.module_index));
+    Tensor xin = S.drop_scratch.row_slice(0, N_).col_slice(0, x.cols());
+    b.dropout(xin, x, opt_.lora_dropout, seed);
+    if (!part.grad_a.empty())
       write_grad(l, {part.slot_a}, [&](float beta) {
         b.matmul(part.grad_a, dxa, xin, true, false, 1.f, beta);  // (s dy B)^T drop(x)
       });
-    }
     if (dx.empty()) continue;
-    if (opt_.lora_dropout > 0) {
-      Tensor tmp = S.lora_tmp.row_slice(0, N_).col_slice(0, dx.cols());
-      b.matmul(tmp, dxa, part.a, false, false, 1.f, 0.f);
-      b.dropout(tmp, tmp, opt_.lora_dropout, seed);
-      b.add(dx, tmp);
-    } else {
-      b.matmul(dx, dxa, part.a, false, false, 1.f, adapters_first && &part == &parts.front() ? 0.f : 1.f);
-    }
+    Tensor tmp = S.lora_tmp.row_slice(0, N_).col_slice(0, dx.cols());
+    b.matmul(tmp, dxa, part.a, false, false, 1.f, 0.f);
+    b.dropout(tmp, tmp, opt_.lora_dropout, seed);
+    b.add(dx, tmp);
   }
-  if (adapters_first) b.matmul(dx, dy, weight, false, false, 1.f, 1.f);
+  if (dropout) return;
+  // Without dropout: every part's A gradient in one GEMM, (s dy B)^T x, and their dx terms in one.
+  if (!lora.grad_a.empty())
+    write_grad(l, lora.slots_a, [&](float beta) { b.matmul(lora.grad_a, dxa_all, x, true, false, 1.f, beta); });
+  if (dx.empty()) return;
+  b.matmul(dx, dxa_all, lora.a, false, false, 1.f, 0.f);
+  b.matmul(dx, dy, weight, false, false, 1.f, 1.f);
 }
 
 void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
@@ -1099,11 +1151,11 @@ void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
   const bool need_dx = l > 0 || full;
 
   // MLP: d = h Wd^T; x_out = x_mid + d.
-  linear_backward(dh, dres, A.h.row_slice(0, N), l, A.down_parts, base_weight(l, "mlp.down_proj.weight"),
+  linear_backward(dh, dres, A.h.row_slice(0, N), l, A.down_lora, base_weight(l, "mlp.down_proj.weight"),
                   slots({"mlp.down_proj.weight"}), dropout_seed);
   b.swiglu_backward(dgu.col_slice(0, F), dgu.col_slice(F, F), dh, A.gu.row_slice(0, N).col_slice(0, F),
                       A.gu.row_slice(0, N).col_slice(F, F));
-  linear_backward(dln, dgu, A.ln2.row_slice(0, N), l, A.gate_up_parts, base_weight(l, "mlp.gate_up"),
+  linear_backward(dln, dgu, A.ln2.row_slice(0, N), l, A.gate_up_lora, base_weight(l, "mlp.gate_up"),
                   slots({"mlp.gate_proj.weight", "mlp.up_proj.weight"}), dropout_seed);
   auto norm_backward = [&](Tensor x, const char* wname, Tensor rstd) {
     Tensor dw;
@@ -1120,7 +1172,7 @@ void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
   norm_backward(A.x_mid.row_slice(0, N), "post_attention_layernorm.weight", A.rstd2.flat_slice(0, N));
 
   // Attention: o = att Wo^T; x_mid = x_in + o.
-  linear_backward(datt, dres, A.att.row_slice(0, N), l, A.o_parts, base_weight(l, "self_attn.o_proj.weight"),
+  linear_backward(datt, dres, A.att.row_slice(0, N), l, A.o_lora, base_weight(l, "self_attn.o_proj.weight"),
                   slots({"self_attn.o_proj.weight"}), dropout_seed);
   Tensor qkv = A.qkv.row_slice(0, N);
   Tensor q = qkv.col_slice(0, a.q_dim()), k = qkv.col_slice(a.q_dim(), a.kv_dim()),
@@ -1133,7 +1185,7 @@ void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
   Tensor pos = S.positions.flat_slice(0, N);
   b.rope_backward(dq, pos, S.rope_cos, S.rope_sin, a.head_dim);
   b.rope_backward(dk, pos, S.rope_cos, S.rope_sin, a.head_dim);
-  linear_backward(need_dx ? dln : Tensor(), dqkv, A.ln1.row_slice(0, N), l, A.qkv_parts,
+  linear_backward(need_dx ? dln : Tensor(), dqkv, A.ln1.row_slice(0, N), l, A.qkv_lora,
                   base_weight(l, "self_attn.qkv"), slots({"self_attn.q_proj.weight", "self_attn.k_proj.weight",
                                                           "self_attn.v_proj.weight"}),
                   dropout_seed);

@@ -215,6 +215,7 @@ class LlamaModel {
  private:
   struct LayerActs;
   struct LinearPart;
+  struct LoraGroup;
   struct Stage;
   struct QuantWeight;
   // Each layer's rotated keys and values of the sequences being generated, [batch, max_len,
@@ -237,10 +238,9 @@ class LlamaModel {
   void layer_backward(int l, uint64_t dropout_seed);
   void head_loss(int64_t n_rows, bool backward, float grad_scale, std::vector<float>* logits);
   double sum_losses(int64_t n_rows);
-  void linear_forward(Tensor y, Tensor x, int l, const std::vector<LinearPart>& parts, Tensor weight,
-                      uint64_t dropout_seed);
-  void linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const std::vector<LinearPart>& parts,
-                       Tensor weight, const std::vector<int>& weight_slots, uint64_t dropout_seed);
+  void linear_forward(Tensor y, Tensor x, int l, const LoraGroup& lora, Tensor weight, uint64_t dropout_seed);
+  void linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const LoraGroup& lora, Tensor weight,
+                       const std::vector<int>& weight_slots, uint64_t dropout_seed);
   LayerActs& acts(int l);
   Stage& stage(int l);  // the stage of layer l
   Backend& be(int l);   // the backend that runs layer l
