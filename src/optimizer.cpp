@@ -179,14 +179,14 @@ void Optimizer::step(double lr, float grad_scale) {
     flush();
     return;
   }
-  // The all-gather of the compute copies, pipelined with the updates in kGatherRounds rounds: a
+  // The all-gather of the compute copies, pipelined with the updates in kGatherRounds rounds (8: the last round's broadcast is what stays exposed): a
   // shard's tensor belongs to round j when it starts in the j-th fraction of the shard's elements.
   // Round j updates this rank's tensors of round j, then broadcasts every shard's tensors of round
   // j from their owners as one batch (per-tensor broadcasts measured slower: NCCL's latency per
   // call over ~150 tensors). Every rank forms the same batches in the same order; on the GPU a
   // batch waits, on the communication stream, for the updates queued before it, so it runs while
   // the compute stream updates the next round.
-  constexpr int64_t kGatherRounds = 4;
+  constexpr int64_t kGatherRounds = 8;
   const auto round_of = [&](const Shard& s, size_t i) {
     const int64_t n = std::max<int64_t>(1, s.end - s.begin);
     return std::min(kGatherRounds - 1, (params_.specs[i].offset - s.begin) * kGatherRounds / n);

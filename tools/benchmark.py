@@ -96,6 +96,9 @@ def gpu_info():
 
 
 def git_commit():
+    # A copy of the working tree without its history (a remote GPU machine) names its commit here.
+    if os.environ.get("RANKTUNE_COMMIT"):
+        return os.environ["RANKTUNE_COMMIT"] + " (RANKTUNE_COMMIT)"
     try:
         sha = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=30)
