@@ -85,7 +85,8 @@ std::string ProfilingBackend::gemm_name(const Tensor& out, int64_t m, int64_t n,
   const char* role = !trans_a ? (trans_b ? "fwd" : "dgrad") : (trans_b ? "a^T b^T" : "wgrad");
   const char* part = "layers";
   if (vocab_ > 0 && (m == vocab_ || n == vocab_ || k == vocab_)) part = "lm_head";
-  else if (lora_r_ > 0 && std::min({m, n, k}) == lora_r_) part = "lora";
+  else if (lora_r_ > 0 && std::min({m, n, k}) <= 3 * lora_r_ && std::min({m, n, k}) % lora_r_ == 0)
+    part = "lora";  // one adapter (r) or a fused projection's stacked A (2r: gate, up; 3r: q, k, v)
   std::string name = std::string("matmul ") + role + " " + part;
   if (out.dtype == DType::f32) name += " (f32 out)";
   return name;
