@@ -13,6 +13,18 @@ build=build-device
 bin=./$build/ranktune
 log() { echo "=== $* ($(date +%T))"; }
 n_gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+# One line per ranktune_bench_step JSON line of a log: the run, tokens/s, step time, peak and plan.
+summarize() {
+  python3 - "$1" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    if line.startswith("{"):
+        j = json.loads(line)
+        print(f"{j['mode']:6s} gpus={j['gpus']} zero={j.get('zero', 0)} gc={j['grad_ckpt']} tok/s {j['tokens_per_s']:7d} "
+              f"step {j['step_ms']:7.1f} ms peak {j['peak_mem_gib']:6.2f} GiB plan {j['plan_mem_gib']:6.2f} GiB "
+              f"({100*(j['plan_mem_gib']/j['peak_mem_gib']-1):+.1f}%)")
+PY
+}
 for stage in ${*:-build tests scaling}; do
   case $stage in
     build)
@@ -62,14 +74,7 @@ for stage in ${*:-build tests scaling}; do
       for args in "lora --gc 1" "qlora --gc 1" "lora --gc 2" "lora --gc 0" "full --gc 1"; do
         ./$build/ranktune_bench_step $args --steps 8 --warmup 2 >> "$OUT/memory.log" 2>&1
       done
-      python3 - "$OUT/memory.log" <<'PY'
-import json, sys
-for line in open(sys.argv[1]):
-    if line.startswith("{"):
-        j = json.loads(line)
-        print(f"{j['mode']:6s} gc={j['grad_ckpt']} tok/s {j['tokens_per_s']:7d} step {j['step_ms']:7.1f} ms "
-              f"peak {j['peak_mem_gib']:6.2f} GiB plan {j['plan_mem_gib']:6.2f} GiB ({100*(j['plan_mem_gib']/j['peak_mem_gib']-1):+.1f}%)")
-PY
+      summarize "$OUT/memory.log"
       ;;
     perf)
       log "ranktune_bench_step at 2 x 2048: (a) LoRA, (c) full with its op profile, and on 2 GPUs (c) plain and ZeRO-1"
@@ -81,14 +86,7 @@ PY
         run mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 ./$build/ranktune_bench_step full --gc 1 --ranks 2 --steps 8 --warmup 2
         run mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 ./$build/ranktune_bench_step full --gc 1 --ranks 2 --zero 1 --steps 8 --warmup 2
       fi
-      python3 - "$OUT/perf.log" <<'PY'
-import json, sys
-for line in open(sys.argv[1]):
-    if line.startswith("{"):
-        j = json.loads(line)
-        print(f"{j['mode']:6s} gpus={j['gpus']} zero={j.get('zero', 0)} tok/s {j['tokens_per_s']:7d} step {j['step_ms']:7.1f} ms "
-              f"peak {j['peak_mem_gib']:6.2f} GiB plan {j['plan_mem_gib']:6.2f} GiB")
-PY
+      summarize "$OUT/perf.log"
       grep -A40 "^op profile" "$OUT/perf.log" | head -45 ;;
     comm)
       log "2 GPUs: (c) ZeRO-1 and plain, (a) plain, under NCCL CTA limits; (c) ZeRO-1 op profile per rank"
