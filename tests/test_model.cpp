@@ -99,12 +99,17 @@ double step(LlamaModel& m, const Data& d) {
 
 double loss_only(LlamaModel& m, const Data& d) { return m.forward_loss(d.in()) / static_cast<double>(d.counted()); }
 
-void finite_difference_check(bool lora, bool tied, const std::vector<std::string>& names) {
+// With LoRA dropout the loss is the training forward's, whose masks depend only on the step's seed,
+// so it is a deterministic function of the weights too.
+void finite_difference_check(bool lora, bool tied, const std::vector<std::string>& names, float lora_dropout = 0.f) {
   auto backend = make_cpu_backend();
-  LlamaModel m(*backend, options(lora, Checkpointing::off, tied));
+  ModelOptions o = options(lora, Checkpointing::off, tied);
+  o.lora_dropout = lora_dropout;
+  LlamaModel m(*backend, o);
   randomize(m, 11);
   Data d = make_data(3);
   step(m, d);
+  const auto loss_at = [&] { return lora_dropout > 0 ? step(m, d) : loss_only(m, d); };
   for (const auto& name : names) {
     std::vector<float> w = m.get_tensor(name), g = m.get_grad(name);
     std::mt19937 rng(5);
@@ -115,9 +120,9 @@ void finite_difference_check(bool lora, bool tied, const std::vector<std::string
       wp[i] += h;
       wm[i] -= h;
       m.set_tensor(name, wp);
-      const double lp = loss_only(m, d);
+      const double lp = loss_at();
       m.set_tensor(name, wm);
-      const double lm = loss_only(m, d);
+      const double lm = loss_at();
       m.set_tensor(name, w);
       const double fd = (lp - lm) / (2.0 * h);
       EXPECT_NEAR(g[i], fd, 2e-3 + 2e-2 * std::fabs(fd)) << name << "[" << i << "]";
@@ -134,6 +139,17 @@ TEST(Model, LoraGradientsMatchFiniteDifferences) {
        "model.layers.1.self_attn.v_proj.lora_A.weight", "model.layers.1.self_attn.o_proj.lora_B.weight",
        "model.layers.0.mlp.gate_proj.lora_A.weight", "model.layers.1.mlp.up_proj.lora_B.weight",
        "model.layers.0.mlp.down_proj.lora_A.weight"});
+}
+
+// With dropout every module keeps its own mask and GEMMs (without, the q/k/v and gate/up adapters
+// share them): the same check on that path.
+TEST(Model, LoraGradientsWithDropoutMatchFiniteDifferences) {
+  finite_difference_check(
+      true, false,
+      {"model.layers.0.self_attn.q_proj.lora_A.weight", "model.layers.1.self_attn.k_proj.lora_A.weight",
+       "model.layers.0.self_attn.v_proj.lora_B.weight", "model.layers.1.mlp.up_proj.lora_A.weight",
+       "model.layers.0.mlp.down_proj.lora_A.weight"},
+      0.3f);
 }
 
 TEST(Model, FullGradientsMatchFiniteDifferences) {
