@@ -186,6 +186,55 @@ TEST(Model, CheckpointingIsBitwiseIdentical) {
     }
 }
 
+// Data-parallel full fine-tuning of a tied embedding exchanges the lookup part of the embedding's
+// gradient as rows (LlamaModel::EmbeddingRows). One rank of two, with a batch smaller than planned
+// (so its slot is zero-padded) and an all-padding slot standing in for the other rank: adding the
+// exchanged rows gives the gradient of the same rank without the exchange, bitwise, and every other
+// gradient is unchanged.
+TEST(Model, ExchangedEmbeddingRowsAddUpToTheLookupGradient) {
+  auto backend = make_cpu_backend();
+  ModelOptions plain = options(false, Checkpointing::on, /*tied=*/true), exchanged = plain;
+  exchanged.data_parallel_ranks = 2;
+  exchanged.data_parallel_rank = 0;
+  LlamaModel a(*backend, plain), b(*backend, exchanged);
+  ASSERT_EQ(a.embedding_rows().bucket, -1);
+  ASSERT_GE(b.embedding_rows().bucket, 0);
+  randomize(a, 6);
+  randomize(b, 6);
+  Data d = make_data(8);
+  const auto train_step = [&](LlamaModel& m, int64_t sequences) {
+    m.ledger().begin_step(1);
+    m.ledger().begin_micro(0);
+    m.forward_backward(d.in(sequences), 0.1f, 7);
+    m.ledger().end_micro();
+    m.ledger().end_step();
+  };
+  train_step(b, 2);  // fills the whole slot, so stale rows would show below
+  train_step(a, 1);
+  train_step(b, 1);
+  const LlamaModel::EmbeddingRows& rows = b.embedding_rows();
+  const int64_t planned = rows.rows_per_rank;
+  ASSERT_EQ(planned, 2 * 9);
+  // This rank's slot: its 9 rows, then zeros; the other rank's slot as an all-padding rank sends it.
+  const std::vector<float> mine = [&] {
+    std::vector<float> v(static_cast<size_t>(rows.rows.numel()));
+    backend->download(v.data(), rows.rows);
+    return v;
+  }();
+  const int64_t C = rows.rows.cols();
+  for (int64_t i = 9 * C; i < planned * C; ++i) ASSERT_EQ(mine[static_cast<size_t>(i)], 0.f) << "padding row value " << i;
+  backend->fill(rows.rows.row_slice(planned, planned), 0.f);
+  const std::vector<int32_t> zeros(static_cast<size_t>(planned), 0);
+  backend->upload(rows.tokens.flat_slice(planned, planned), zeros.data());
+  const std::vector<float> before = b.get_grad("model.embed_tokens.weight");
+  b.add_exchanged_embedding_rows();
+  const std::vector<float> after = b.get_grad("model.embed_tokens.weight");
+  EXPECT_NE(before, after) << "the lookup rows added nothing";
+  EXPECT_EQ(after, a.get_grad("model.embed_tokens.weight"));
+  for (const auto& p : a.base().specs)
+    if (p.name != "model.embed_tokens.weight") EXPECT_EQ(a.get_grad(p.name), b.get_grad(p.name)) << p.name;
+}
+
 TEST(Model, AccumulationOverMicroBatchesMatchesOneBatch) {
   auto backend = make_cpu_backend();
   LlamaModel m(*backend, options(true, Checkpointing::on));
