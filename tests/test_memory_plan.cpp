@@ -125,6 +125,25 @@ TEST(MemoryPlan, EqualsWhatACpuModelAllocates) {
   }
 }
 
+// Data-parallel full fine-tuning of a tied embedding also holds every rank's lookup rows (the
+// exchange of LlamaModel::EmbeddingRows): planned as the model allocates them.
+TEST(MemoryPlan, CountsTheEmbeddingRowsOfDataParallelRanks) {
+  const Case c{"full, tied, 3 ranks", false, Checkpointing::on, kAll, 0.f, "adamw", true, 2, 2, 9, 0};
+  ModelOptions o = options_of(c);
+  PlanSettings s;
+  s.gpu = false;
+  s.optim = c.optim;
+  const MemoryPlan one = plan_memory(o, s);
+  o.data_parallel_ranks = 3;
+  s.world_size = 3;
+  auto cpu = make_cpu_backend();
+  LlamaModel model(*cpu, o);
+  const MemoryPlan three = plan_memory(o, s);
+  EXPECT_EQ(three.activations + three.logits_chunk, model.activation_bytes());
+  const int64_t N = c.batch * c.seq, C = o.arch.hidden_size;
+  EXPECT_GE(three.activations - one.activations, 3 * N * C * 4 + 3 * N * 4);  // f32 rows and i32 ids on the CPU
+}
+
 // device_map auto: the plans of the stages, placed by balance_stages, add up to what a model spread
 // over as many (CPU) backends allocates: its base weights per stage, and its activations.
 TEST(MemoryPlan, StagePlansAddUpToAStagedModel) {
