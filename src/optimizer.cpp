@@ -179,8 +179,9 @@ void Optimizer::step(double lr, float grad_scale) {
     flush();
     return;
   }
-  // The all-gather of the compute copies, pipelined with the updates in kGatherRounds rounds (8: the last round's broadcast is what stays exposed): a
-  // shard's tensor belongs to round j when it starts in the j-th fraction of the shard's elements.
+  // The all-gather of the compute copies, pipelined with the updates in kGatherRounds rounds (the
+  // last round's broadcast is what stays exposed): a shard's tensor belongs to round j when it
+  // starts in the j-th fraction of the shard's elements.
   // Round j updates this rank's tensors of round j, then broadcasts every shard's tensors of round
   // j from their owners as one batch (per-tensor broadcasts measured slower: NCCL's latency per
   // call over ~150 tensors). Every rank forms the same batches in the same order; on the GPU a
