@@ -47,8 +47,8 @@ __device__ MaxSum block_merge(MaxSum v, MaxSum* shared) {
 // Targets outside [0, vocab) (-100 by convention) mark ignored rows: loss 0, gradient 0.
 template <int kVec, class T>
 __global__ void __launch_bounds__(kMaxThreads)
-    cross_entropy_kernel(float* losses, bf16* dlogits, const T* logits, const int32_t* targets,
-                         int64_t vocab, float grad_scale) {
+    cross_entropy_kernel(float* losses, bf16* dlogits, const T* logits, const int32_t* targets, int64_t vocab,
+                         float grad_scale) {
   __shared__ MaxSum shared[32];
   const int64_t row = blockIdx.x;
   const int32_t target = targets[row];
@@ -106,8 +106,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 // ---- Kernel launchers ---------------------------------------------------------------------------
 
 template <class T>
-void cross_entropy(float* losses, bf16* dlogits, const T* logits, const int32_t* targets, int64_t n_rows,
-                   int64_t vocab, float grad_scale, cudaStream_t s) {
+void cross_entropy(float* losses, bf16* dlogits, const T* logits, const int32_t* targets, int64_t n_rows, int64_t vocab,
+                   float grad_scale, cudaStream_t s) {
   if (n_rows == 0) return;
   const bool vec = vocab % 8 == 0 && aligned16(logits) && (!dlogits || aligned16(dlogits));
   if (vec) {
@@ -120,9 +120,7 @@ void cross_entropy(float* losses, bf16* dlogits, const T* logits, const int32_t*
   cudaCheckLaunch();
 }
 
-template void cross_entropy<float>(float*, bf16*, const float*, const int32_t*, int64_t, int64_t, float,
-                                   cudaStream_t);
-template void cross_entropy<bf16>(float*, bf16*, const bf16*, const int32_t*, int64_t, int64_t, float,
-                                  cudaStream_t);
+template void cross_entropy<float>(float*, bf16*, const float*, const int32_t*, int64_t, int64_t, float, cudaStream_t);
+template void cross_entropy<bf16>(float*, bf16*, const bf16*, const int32_t*, int64_t, int64_t, float, cudaStream_t);
 
 }  // namespace ranktune::kernels

@@ -73,8 +73,8 @@ void swiglu_backward(bf16* dgate, bf16* dup, int64_t ld_dgu, const bf16* dh, con
 // ---- cross_entropy.cu ----------------------------------------------------------------------------
 // logits f32 or bf16; dlogits may be null (forward only) or the logits themselves (bf16, in place).
 template <class T>
-void cross_entropy(float* losses, bf16* dlogits, const T* logits, const int32_t* targets, int64_t n_rows,
-                   int64_t vocab, float grad_scale, cudaStream_t s);
+void cross_entropy(float* losses, bf16* dlogits, const T* logits, const int32_t* targets, int64_t n_rows, int64_t vocab,
+                   float grad_scale, cudaStream_t s);
 
 // ---- attention.cu (flash-style, causal, GQA) -----------------------------------------------------
 // q/k/v/out/dq/dk/dv are row-major with the given row strides (elements); head h of row n starts

@@ -272,8 +272,7 @@ void rmsnorm_backward(bf16* dresidual, float* dweight, float dweight_beta, float
   if (!dweight) return;
   constexpr int kReduceThreads = 256;
   const auto tiles = static_cast<unsigned>((channels + kReduceThreads - 1) / kReduceThreads);
-  rmsnorm_dweight_group_kernel<<<dim3(tiles, kReduceGroups), kReduceThreads, 0, s>>>(dweight_partial, blocks,
-                                                                                      channels);
+  rmsnorm_dweight_group_kernel<<<dim3(tiles, kReduceGroups), kReduceThreads, 0, s>>>(dweight_partial, blocks, channels);
   cudaCheckLaunch();
   rmsnorm_dweight_reduce_kernel<<<tiles, kReduceThreads, 0, s>>>(dweight, dweight_beta, dweight_partial, blocks,
                                                                  channels);

@@ -280,11 +280,11 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   for (int64_t i = 0; i < n_sets; ++i) alloc(set);
   p.activations = globals - p.logits_chunk + exchange + inputs + n_sets * set;
   const char* mode = o.checkpointing == Checkpointing::off ? "off" : offload ? "offload" : "on";
-  p.notes.activations = std::string("checkpointing ") + mode + ": " + std::to_string(device_inputs) +
-                        " layer inputs x " + format_bytes(layer_input) + ", " + std::to_string(n_sets) + " layer set" +
-                        (n_sets > 1 ? "s" : "") + " x " + format_bytes(set) + ", inputs and backward buffers " +
-                        format_bytes(globals - p.logits_chunk) +
-                        (exchange ? ", embedding rows of " + std::to_string(world) + " ranks " + format_bytes(exchange) : "");
+  p.notes.activations =
+      std::string("checkpointing ") + mode + ": " + std::to_string(device_inputs) + " layer inputs x " +
+      format_bytes(layer_input) + ", " + std::to_string(n_sets) + " layer set" + (n_sets > 1 ? "s" : "") + " x " +
+      format_bytes(set) + ", inputs and backward buffers " + format_bytes(globals - p.logits_chunk) +
+      (exchange ? ", embedding rows of " + std::to_string(world) + " ranks " + format_bytes(exchange) : "");
   p.notes.logits_chunk =
       std::to_string(chunk) + " rows x " + std::to_string(V) + " vocab, " + act_name + " logits, dlogits in place";
 

@@ -357,8 +357,8 @@ void LlamaModel::build_params() {
     const bool exchange_rows = a.tie_word_embeddings && opt_.data_parallel_ranks > 1;
     for (const auto& s : base_.specs) {
       const bool tied_embedding = a.tie_word_embeddings && s.name == "model.embed_tokens.weight";
-      base_.slot.push_back(ledger_.add_slot(s.name, tied_embedding && !exchange_rows ? 2 : 1,
-                                            s.layer >= 0 ? s.layer : global_bucket));
+      base_.slot.push_back(
+          ledger_.add_slot(s.name, tied_embedding && !exchange_rows ? 2 : 1, s.layer >= 0 ? s.layer : global_bucket));
     }
     if (exchange_rows) {
       emb_rows_.bucket = global_bucket + 1;
@@ -544,7 +544,8 @@ void LlamaModel::allocate_activations() {
                                {&A.ln2, act, {N, C}},           {&A.rstd2, DType::f32, {N}},
                                {&A.gu, act, {N, 2 * F}},        {&A.h, act, {N, F}}};
     for (int g = 0; g < 4; ++g)
-      if (group_modules[g] > 0) wants.push_back({&xa_sets[static_cast<size_t>(set * 4 + g)], act, {N, group_modules[g] * r}});
+      if (group_modules[g] > 0)
+        wants.push_back({&xa_sets[static_cast<size_t>(set * 4 + g)], act, {N, group_modules[g] * r}});
     carve(ckpt ? *stages_[static_cast<size_t>(set)].be : be(set), wants);
   }
 
@@ -586,7 +587,8 @@ void LlamaModel::allocate_activations() {
       if (group.parts.empty()) continue;
       // The parts' A matrices are adjacent (build_params), so together they are one matrix.
       const int64_t in = group.parts.front().a.cols(), rows = static_cast<int64_t>(group.parts.size()) * r;
-      const ParamSpec* first_a = lora_.find(module_prefix(l, kSites[group.parts.front().module_index].module) + ".lora_A.weight");
+      const ParamSpec* first_a =
+          lora_.find(module_prefix(l, kSites[group.parts.front().module_index].module) + ".lora_A.weight");
       group.a = as_matrix(lora_.compute.flat_slice(first_a->offset, rows * in), rows, in);
       if (!lora_.grad.empty()) group.grad_a = as_matrix(lora_.grad.flat_slice(first_a->offset, rows * in), rows, in);
       group.xa = xa_sets[static_cast<size_t>(set * 4 + g)];
@@ -1185,9 +1187,8 @@ void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
   Tensor pos = S.positions.flat_slice(0, N);
   b.rope_backward(dq, pos, S.rope_cos, S.rope_sin, a.head_dim);
   b.rope_backward(dk, pos, S.rope_cos, S.rope_sin, a.head_dim);
-  linear_backward(need_dx ? dln : Tensor(), dqkv, A.ln1.row_slice(0, N), l, A.qkv_lora,
-                  base_weight(l, "self_attn.qkv"), slots({"self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                                                          "self_attn.v_proj.weight"}),
+  linear_backward(need_dx ? dln : Tensor(), dqkv, A.ln1.row_slice(0, N), l, A.qkv_lora, base_weight(l, "self_attn.qkv"),
+                  slots({"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"}),
                   dropout_seed);
   if (need_dx) norm_backward(x_in, "input_layernorm.weight", A.rstd1.flat_slice(0, N));
 }
@@ -1243,9 +1244,8 @@ double LlamaModel::forward_backward(const ModelInputs& in, float grad_scale, uin
     const ParamSpec* p = base_.find("model.embed_tokens.weight");
     Tensor dtable = as_matrix(base_.grad_view(*p), a.vocab_size, C);
     if (emb_rows_.bucket < 0) {
-      write_grad(-1, {base_slot(-1, "model.embed_tokens.weight")}, [&](float beta) {
-        be_.embedding_backward(dtable, dres, tokens_.flat_slice(0, N), beta);
-      });
+      write_grad(-1, {base_slot(-1, "model.embed_tokens.weight")},
+                 [&](float beta) { be_.embedding_backward(dtable, dres, tokens_.flat_slice(0, N), beta); });
     } else {
       // The head has written the dense part of this micro-batch already, so the lookup adds to it;
       // in the step's last micro-batch the rows go to this rank's slot of the exchange instead.

@@ -199,7 +199,8 @@ void Optimizer::step(double lr, float grad_scale) {
     std::vector<Communicator::Broadcast> batch;
     for (size_t r = 0; r < shards_.size(); ++r)
       for (size_t i = shards_[r].first; i < shards_[r].last; ++i)
-        if (round_of(shards_[r], i) == j) batch.push_back({params_.compute_view(params_.specs[i]), static_cast<int>(r)});
+        if (round_of(shards_[r], i) == j)
+          batch.push_back({params_.compute_view(params_.specs[i]), static_cast<int>(r)});
     zero_->start_broadcasts(batch);
   }
   zero_->finish_started("the weight all-gather of step " + std::to_string(step_));

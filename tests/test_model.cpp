@@ -222,7 +222,8 @@ TEST(Model, ExchangedEmbeddingRowsAddUpToTheLookupGradient) {
     return v;
   }();
   const int64_t C = rows.rows.cols();
-  for (int64_t i = 9 * C; i < planned * C; ++i) ASSERT_EQ(mine[static_cast<size_t>(i)], 0.f) << "padding row value " << i;
+  for (int64_t i = 9 * C; i < planned * C; ++i)
+    ASSERT_EQ(mine[static_cast<size_t>(i)], 0.f) << "padding row value " << i;
   backend->fill(rows.rows.row_slice(planned, planned), 0.f);
   const std::vector<int32_t> zeros(static_cast<size_t>(planned), 0);
   backend->upload(rows.tokens.flat_slice(planned, planned), zeros.data());

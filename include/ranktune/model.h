@@ -164,9 +164,9 @@ class LlamaModel {
   // GradReducer broadcasts each rank's slot to all, and add_exchanged_embedding_rows() adds every
   // rank's rows to the reduced gradient, in rank order (so every rank adds them alike).
   struct EmbeddingRows {
-    int bucket = -1;             // -1: not exchanged (one rank, LoRA, or an untied embedding)
-    Tensor rows, tokens;         // [ranks * N, hidden] act and [ranks * N] i32, rank-major
-    int64_t rows_per_rank = 0;   // N, the planned B * T
+    int bucket = -1;            // -1: not exchanged (one rank, LoRA, or an untied embedding)
+    Tensor rows, tokens;        // [ranks * N, hidden] act and [ranks * N] i32, rank-major
+    int64_t rows_per_rank = 0;  // N, the planned B * T
   };
   const EmbeddingRows& embedding_rows() const { return emb_rows_; }
   void add_exchanged_embedding_rows();
