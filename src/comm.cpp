@@ -254,14 +254,14 @@ class MpiCommunicator final : public Communicator {
 
   void start_sum(Tensor x) override {
     if (world_ == 1) return;
-    check(x, "start_sum", false);
+    check(x, "start_sum");
     pending_.push_back(MPI_REQUEST_NULL);
     MPI_Iallreduce(MPI_IN_PLACE, x.data, count(x), MPI_FLOAT, MPI_SUM, comm_, &pending_.back());
   }
 
   void start_reduce(Tensor x, int root) override {
     if (world_ == 1) return;
-    check(x, "start_reduce", false);
+    check(x, "start_reduce");
     RT_ASSERT(root >= 0 && root < world_, "start_reduce: a root rank in the world");
     pending_.push_back(MPI_REQUEST_NULL);
     // The root sums into its own x; the others only send theirs.
@@ -292,11 +292,9 @@ class MpiCommunicator final : public Communicator {
   }
 
  private:
-  static void check(const Tensor& x, const char* op, bool bf16_too) {
-    RT_ASSERT(
-        x.device == Device::cpu && (x.dtype == DType::f32 || (bf16_too && x.dtype == DType::bf16)) && x.contiguous(),
-        std::string("MPI ") + op +
-            (bf16_too ? ": a contiguous f32 or bf16 host tensor" : ": a contiguous f32 host tensor"));
+  static void check(const Tensor& x, const char* op) {
+    RT_ASSERT(x.device == Device::cpu && x.dtype == DType::f32 && x.contiguous(),
+              std::string("MPI ") + op + ": a contiguous f32 host tensor");
   }
   // MPI counts are ints: a piece of 2^31 elements or more would need chunking, which the CPU path's
   // model sizes have not called for.

@@ -71,7 +71,7 @@ class NcclCommunicator final : public Communicator {
 
   void start_sum(Tensor x) override {
     if (world_ == 1) return;
-    check(x, "start_sum", false);
+    check(x, "start_sum");
     after_compute();
     ncclCheck(ncclAllReduce(x.data, x.data, static_cast<size_t>(x.numel()), ncclFloat32, ncclSum, nccl_, comm_stream_));
     pending_ = true;
@@ -79,7 +79,7 @@ class NcclCommunicator final : public Communicator {
 
   void start_reduce(Tensor x, int root) override {
     if (world_ == 1) return;
-    check(x, "start_reduce", false);
+    check(x, "start_reduce");
     RT_ASSERT(root >= 0 && root < world_, "start_reduce: a root rank in the world");
     after_compute();
     ncclCheck(
@@ -114,11 +114,9 @@ class NcclCommunicator final : public Communicator {
   }
 
  private:
-  static void check(const Tensor& x, const char* op, bool bf16_too) {
-    RT_ASSERT(
-        x.device == Device::cuda && (x.dtype == DType::f32 || (bf16_too && x.dtype == DType::bf16)) && x.contiguous(),
-        std::string("NCCL ") + op +
-            (bf16_too ? ": a contiguous f32 or bf16 GPU tensor" : ": a contiguous f32 GPU tensor"));
+  static void check(const Tensor& x, const char* op) {
+    RT_ASSERT(x.device == Device::cuda && x.dtype == DType::f32 && x.contiguous(),
+              std::string("NCCL ") + op + ": a contiguous f32 GPU tensor");
   }
 
   // The communication stream waits for what the compute stream has queued so

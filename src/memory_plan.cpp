@@ -225,6 +225,9 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   const int64_t B = o.max_batch, T = o.max_seq, N = B * T, C = a.hidden_size, F = a.intermediate_size, V = a.vocab_size,
                 H = a.n_heads, Q = a.q_dim(), QKV = a.qkv_dim();
   const int64_t chunk = loss_chunk_rows(a, o.train_base, N, act, o.loss_chunk_rows);
+  const std::array<int64_t, kFusedProjections> group_modules =
+      o.lora ? lora_modules_per_projection(o.lora_targets) : std::array<int64_t, kFusedProjections>{};
+  const int64_t widest_group = std::max<int64_t>(1, *std::max_element(group_modules.begin(), group_modules.end()));
   p.loss_chunk_rows = chunk;
   const int64_t r = std::max<int64_t>(o.lora_r, 1);
   const int64_t drop_rows = o.lora_dropout > 0 ? N : 1, widest = std::max({C, F, Q});
@@ -241,7 +244,7 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
                           + carved(N * C, act) + carved(N * std::max(C, Q), act)  // dres, dln
                           + carved(N * QKV, act) + carved(N * Q, act)             // dqkv, datt
                           + carved(N * F, act)                                    // dh (dgu overwrites gu)
-                          + carved(N * (o.lora ? 3 : 1) * r, act)                 // dxa (q, k, v side by side)
+                          + carved(N * widest_group * r, act)                     // dxa (a projection's modules)
                           + 2 * carved(drop_rows * widest, act);                  // drop_scratch, lora_tmp
   alloc(globals);
   // Data-parallel full fine-tuning of a tied embedding: every rank's lookup rows and token ids
@@ -259,17 +262,8 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   // Per-layer sets: one per layer, or one recompute set with checkpointing.
   // LoRA xa: one [N, modules * r] buffer per fused projection with adapters (q,k,v | o | gate,up | down).
   int64_t lora_xa = 0;
-  if (o.lora) {
-    const auto count = [&](std::initializer_list<const char*> modules) {
-      int64_t n = 0;
-      for (const char* m : modules)
-        n += std::find(o.lora_targets.begin(), o.lora_targets.end(), m) != o.lora_targets.end() ? 1 : 0;
-      return n;
-    };
-    for (const int64_t g : {count({"q_proj", "k_proj", "v_proj"}), count({"o_proj"}), count({"gate_proj", "up_proj"}),
-                            count({"down_proj"})})
-      if (g > 0) lora_xa += carved(N * g * r, act);
-  }
+  for (const int64_t g : group_modules)
+    if (g > 0) lora_xa += carved(N * g * r, act);
   const int64_t n_sets = o.checkpointing == Checkpointing::off ? layers : 1;
   const int64_t set = carved(N * C, act) + carved(N, 4)              // ln1, rstd1
                       + carved(N * QKV, act) + carved(N * Q, act)    // qkv, att

@@ -120,13 +120,9 @@ std::string shape_string(const std::vector<int64_t>& shape) {
   return s + "]";
 }
 
-// Where each LoRA target sits in the fused projections.
-struct ModuleSite {
-  const char* module;  // q_proj ...
-  const char* fused;   // "qkv", "o", "gate_up", "down"
-};
-const ModuleSite kSites[] = {{"q_proj", "qkv"},      {"k_proj", "qkv"},     {"v_proj", "qkv"}, {"o_proj", "o"},
-                             {"gate_proj", "gate_up"}, {"up_proj", "gate_up"}, {"down_proj", "down"}};
+bool targets(const ModelOptions& o, const std::string& module) {
+  return std::find(o.lora_targets.begin(), o.lora_targets.end(), module) != o.lora_targets.end();
+}
 
 std::string module_prefix(int l, const std::string& module) {
   const bool attn = module == "q_proj" || module == "k_proj" || module == "v_proj" || module == "o_proj";
@@ -237,7 +233,9 @@ std::vector<int64_t> balance_stages(const ModelOptions& o, int n_stages, size_t 
   // Every stage: a recompute set and the backward scratch; the first also the embedding, head and logits chunk.
   const double per_stage = (o.checkpointing == Checkpointing::off ? 0.0 : set) + N * (4 * C + 3 * F) * act;
   const double V = static_cast<double>(a.vocab_size);
-  const double first_extra = V * C * act * (a.tie_word_embeddings ? 1 : 2) + std::min(N, (64.0 * (1 << 20)) / (V * 4)) * V * (4 + act);
+  const double chunk = static_cast<double>(
+      loss_chunk_rows(a, o.train_base, o.max_batch * o.max_seq, static_cast<int64_t>(act_bytes), o.loss_chunk_rows));
+  const double first_extra = V * C * act * (a.tie_word_embeddings ? 1 : 2) + chunk * V * act;
   // The smallest per-GPU load at which consecutive layers fit the stages (each taking layers while
   // under it, and leaving one for every later stage), found by bisection; then that split.
   const auto split = [&](double cap, std::vector<int64_t>* layers) {
@@ -373,15 +371,11 @@ void LlamaModel::build_params() {
   // LoRA products drop(x) A^T for all its modules are one GEMM, and so are their gradients.
   int64_t offset = 0;
   const int64_t r = opt_.lora_r;
-  const auto targeted = [&](const std::string& m) {
-    return std::find(opt_.lora_targets.begin(), opt_.lora_targets.end(), m) != opt_.lora_targets.end();
-  };
   for (int l = 0; l < a.n_layers; ++l) {
-    for (const char* fused : {"qkv", "o", "gate_up", "down"}) {
+    for (int g = 0; g < kFusedProjections; ++g) {
       for (const char* matrix : {"A", "B"}) {
-        for (const auto& site : kSites) {
-          const std::string m = site.module;
-          if (std::string(site.fused) != fused || !targeted(m)) continue;
+        for (const std::string& m : lora_module_names()) {
+          if (fused_projection(m) != g || !targets(opt_, m)) continue;
           const auto [out, in] = projection_shape(a, m);
           const std::string p = module_prefix(l, m);
           if (std::string(matrix) == "A") {
@@ -419,6 +413,11 @@ void LlamaModel::allocate_activations() {
   T_ = opt_.max_seq;
   N_ = B_ * T_;
   const int64_t N = N_, C = a.hidden_size, F = a.intermediate_size, V = a.vocab_size, H = a.n_heads;
+  // LoRA modules per fused projection: one xa buffer [N, modules * r] each, and backward's dxa as
+  // wide as the widest.
+  const std::array<int64_t, kFusedProjections> group_modules =
+      opt_.lora ? lora_modules_per_projection(opt_.lora_targets) : std::array<int64_t, kFusedProjections>{};
+  const int64_t widest_group = std::max<int64_t>(1, *std::max_element(group_modules.begin(), group_modules.end()));
   loss_chunk_ = loss_chunk_rows(a, opt_.train_base, N, static_cast<int64_t>(dtype_size(act)), opt_.loss_chunk_rows);
 
   // Sizes are listed once, then carved out of one buffer per group, on the stage's backend.
@@ -484,8 +483,7 @@ void LlamaModel::allocate_activations() {
                    {&st.dqkv, act, {N, a.qkv_dim()}},
                    {&st.datt, act, {N, a.q_dim()}},
                    {&st.dh, act, {N, F}},
-                   // s dy B of every adapter of one fused projection (at most q, k, v: 3)
-                   {&st.dxa, act, {N, (opt_.lora ? 3 : 1) * std::max<int64_t>(opt_.lora_r, 1)}},
+                   {&st.dxa, act, {N, widest_group * std::max<int64_t>(opt_.lora_r, 1)}},
                    {&st.drop_scratch, act, {opt_.lora_dropout > 0 ? N : 1, std::max({C, F, a.q_dim()})}},
                    {&st.lora_tmp, act, {opt_.lora_dropout > 0 ? N : 1, std::max({C, F, a.q_dim()})}}});
     st.dln = st.dln.view({N * std::max(C, a.q_dim())});
@@ -526,16 +524,7 @@ void LlamaModel::allocate_activations() {
   layer_acts_.resize(static_cast<size_t>(a.n_layers));
   std::vector<LayerActs> sets(static_cast<size_t>(n_sets));
   const int64_t r = std::max<int64_t>(opt_.lora_r, 1);
-  // One xa buffer per fused projection with adapters: [N, its modules * r].
-  const char* const kFused[] = {"qkv", "o", "gate_up", "down"};
-  int64_t group_modules[4] = {0, 0, 0, 0};
-  if (opt_.lora)
-    for (const auto& site : kSites)
-      for (int g = 0; g < 4; ++g)
-        if (std::string(site.fused) == kFused[g] &&
-            std::find(opt_.lora_targets.begin(), opt_.lora_targets.end(), site.module) != opt_.lora_targets.end())
-          ++group_modules[g];
-  std::vector<Tensor> xa_sets(static_cast<size_t>(n_sets * 4));
+  std::vector<Tensor> xa_sets(static_cast<size_t>(n_sets * kFusedProjections));
   for (int set = 0; set < n_sets; ++set) {
     LayerActs& A = sets[static_cast<size_t>(set)];
     std::vector<Want> wants = {{&A.ln1, act, {N, C}},           {&A.rstd1, DType::f32, {N}},
@@ -543,9 +532,11 @@ void LlamaModel::allocate_activations() {
                                {&A.lse, DType::f32, {B_, H, T_}}, {&A.x_mid, act, {N, C}},
                                {&A.ln2, act, {N, C}},           {&A.rstd2, DType::f32, {N}},
                                {&A.gu, act, {N, 2 * F}},        {&A.h, act, {N, F}}};
-    for (int g = 0; g < 4; ++g)
-      if (group_modules[g] > 0)
-        wants.push_back({&xa_sets[static_cast<size_t>(set * 4 + g)], act, {N, group_modules[g] * r}});
+    for (int g = 0; g < kFusedProjections; ++g)
+      if (group_modules[static_cast<size_t>(g)] > 0)
+        wants.push_back({&xa_sets[static_cast<size_t>(set * kFusedProjections + g)],
+                         act,
+                         {N, group_modules[static_cast<size_t>(g)] * r}});
     carve(ckpt ? *stages_[static_cast<size_t>(set)].be : be(set), wants);
   }
 
@@ -555,15 +546,17 @@ void LlamaModel::allocate_activations() {
     LayerActs& A = layer_acts_[static_cast<size_t>(l)];
     A = sets[static_cast<size_t>(set)];
     if (!opt_.lora) continue;
-    for (int g = 0; g < 4; ++g) {
-      LoraGroup& group = g == 0 ? A.qkv_lora : g == 1 ? A.o_lora : g == 2 ? A.gate_up_lora : A.down_lora;
-      for (int site = 0; site < 7; ++site) {
-        const std::string m = kSites[site].module;
-        if (std::string(kSites[site].fused) != kFused[g] ||
-            std::find(opt_.lora_targets.begin(), opt_.lora_targets.end(), m) == opt_.lora_targets.end())
-          continue;
+    LoraGroup* const groups[kFusedProjections] = {&A.qkv_lora, &A.o_lora, &A.gate_up_lora, &A.down_lora};
+    for (int g = 0; g < kFusedProjections; ++g) {
+      LoraGroup& group = *groups[g];
+      const Tensor& xa_all = xa_sets[static_cast<size_t>(set * kFusedProjections + g)];
+      const ParamSpec* first_a = nullptr;
+      for (int site = 0; site < static_cast<int>(lora_module_names().size()); ++site) {
+        const std::string& m = lora_module_names()[static_cast<size_t>(site)];
+        if (fused_projection(m) != g || !targets(opt_, m)) continue;
         const std::string p = module_prefix(l, m);
         const ParamSpec* sa = lora_.find(p + ".lora_A.weight");
+        if (group.parts.empty()) first_a = sa;
         const ParamSpec* sb = lora_.find(p + ".lora_B.weight");
         LinearPart part;
         part.out = sb->shape[0];
@@ -581,17 +574,15 @@ void LlamaModel::allocate_activations() {
           group.slots_a.push_back(part.slot_a);
         }
         part.module_index = site;
-        part.xa = xa_sets[static_cast<size_t>(set * 4 + g)].col_slice(static_cast<int64_t>(group.parts.size()) * r, r);
+        part.xa = xa_all.col_slice(static_cast<int64_t>(group.parts.size()) * r, r);
         group.parts.push_back(part);
       }
       if (group.parts.empty()) continue;
       // The parts' A matrices are adjacent (build_params), so together they are one matrix.
       const int64_t in = group.parts.front().a.cols(), rows = static_cast<int64_t>(group.parts.size()) * r;
-      const ParamSpec* first_a =
-          lora_.find(module_prefix(l, kSites[group.parts.front().module_index].module) + ".lora_A.weight");
       group.a = as_matrix(lora_.compute.flat_slice(first_a->offset, rows * in), rows, in);
       if (!lora_.grad.empty()) group.grad_a = as_matrix(lora_.grad.flat_slice(first_a->offset, rows * in), rows, in);
-      group.xa = xa_sets[static_cast<size_t>(set * 4 + g)];
+      group.xa = xa_all;
     }
   }
 }

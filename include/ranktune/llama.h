@@ -2,6 +2,7 @@
 // parameters in ranktune's flat buffers.
 #pragma once
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -45,6 +46,25 @@ inline const std::vector<std::string>& lora_module_names() {
   static const std::vector<std::string> names = {"q_proj", "k_proj", "v_proj", "o_proj",
                                                  "gate_proj", "up_proj", "down_proj"};
   return names;
+}
+
+// The model runs four fused projections: 0 q,k,v (one GEMM), 1 o, 2 gate,up (one GEMM), 3 down.
+// Which one a module (q_proj ... down_proj) belongs to.
+constexpr int kFusedProjections = 4;
+inline int fused_projection(const std::string& module) {
+  if (module == "q_proj" || module == "k_proj" || module == "v_proj") return 0;
+  if (module == "o_proj") return 1;
+  if (module == "gate_proj" || module == "up_proj") return 2;
+  return 3;
+}
+
+// How many of the LoRA target modules sit in each fused projection: the rows (in units of r) of
+// its stacked A matrix and the columns of its xa buffer.
+inline std::array<int64_t, kFusedProjections> lora_modules_per_projection(const std::vector<std::string>& targets) {
+  std::array<int64_t, kFusedProjections> n{};
+  for (const std::string& m : lora_module_names())
+    if (std::find(targets.begin(), targets.end(), m) != targets.end()) ++n[static_cast<size_t>(fused_projection(m))];
+  return n;
 }
 
 // A projection's weight shape, {out, in}, by its module name (q_proj ... down_proj).
