@@ -49,6 +49,26 @@ for stage in ${*:-build tests scaling}; do
           echo "$mode x$np GPUs: rc=$? $(grep -E '^step 30/' "$OUT/scaling_${mode}_$np.log" | head -1)"
         done
       done
+      if [ "$n_gpus" -ge 2 ]; then  # full fine-tuning with ZeRO-1 (optimizer states sharded over the ranks)
+        for np in 2 4 8; do
+          [ "$np" -le "$n_gpus" ] || continue
+          dir=/tmp/scaling_zero1_$np
+          rm -rf $dir
+          mpirun --allow-run-as-root -np $np -x NCCL_NVLS_ENABLE=0 $bin train jobs/configs/llama1b_full.yaml \
+            --set model.enable_multi_gpu=true --set distributed.zero_stage=1 --set training.output_dir=$dir \
+            > "$OUT/scaling_zero1_$np.log" 2>&1
+          echo "full zero1 x$np GPUs: rc=$? $(grep -E '^step 30/' "$OUT/scaling_zero1_$np.log" | head -1)"
+        done
+      fi
+      if [ "$n_gpus" -ge 4 ]; then  # 2 ranks x 2 GPUs: data parallel over ranks, device_map auto inside each
+        dir=/tmp/scaling_lora_2x2
+        rm -rf $dir
+        mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 $bin train jobs/configs/llama1b_lora.yaml \
+          --set model.enable_multi_gpu=true --set model.device_map=auto --set training.output_dir=$dir \
+          > "$OUT/scaling_lora_2x2.log" 2>&1
+        echo "lora 2 ranks x 2 GPUs (device_map auto): rc=$? $(grep -E '^step 30/' "$OUT/scaling_lora_2x2.log" | head -1)"
+        grep -hE "Multi-GPU|rank [0-9]|device_map auto|rror" "$OUT/scaling_lora_2x2.log" | sort -u | head -8
+      fi
       grep -hE "Multi-GPU|rank [0-9]:" "$OUT"/scaling_lora_*.log | sort -u | head -12 ;;
     export_hf)
       log "HF transformers/peft load ranktune's exports"
