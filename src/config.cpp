@@ -27,7 +27,7 @@ const char* kind_name(Kind k) {
     case Kind::boolean: return "true or false";
     case Kind::string: return "a string";
     case Kind::string_list: return "a list of strings";
-    case Kind::checkpointing: return "true, false or \"offload\"";
+    case Kind::checkpointing: return "true, false, \"offload\" or \"keep_attention\"";
   }
   return "?";
 }
@@ -79,7 +79,8 @@ const std::vector<Field>& schema() {
         RT_FIELD(model, load_in_4bit, Kind::boolean, "false",
                  "quantize frozen base weights to NF4 at load (QLoRA; needs lora.enabled)", ),
         RT_FIELD(model, gradient_checkpointing, Kind::checkpointing, "true",
-                 "keep only each layer's input and recompute it in backward; \"offload\" keeps them in host memory", ),
+                 "keep only each layer's input and recompute it in backward; \"offload\" keeps them in host memory; "
+                 "\"keep_attention\" also keeps each layer's attention outputs and recomputes only norms and MLP", ),
         RT_FIELD(model, enable_multi_gpu, Kind::boolean, "false",
                  "use every rank/GPU the launcher gives (also RANKTUNE_ENABLE_MULTIGPU=1)", ),
         RT_FIELD(model, device_map, Kind::string, "sequential",
@@ -268,6 +269,8 @@ void apply_field(RunConfig& cfg, const Field& f, const YAML::Node& n, const Orig
     case Kind::checkpointing: {
       if (n.IsScalar() && n.Scalar() == "offload") {
         *static_cast<Checkpointing*>(p) = Checkpointing::offload;
+      } else if (n.IsScalar() && n.Scalar() == "keep_attention") {
+        *static_cast<Checkpointing*>(p) = Checkpointing::keep_attention;
       } else {
         if (!n.IsScalar()) bad_type(o, f.full(), f.kind, n);
         const std::string s = n.Scalar();
@@ -293,7 +296,7 @@ YAML::Node field_value(const RunConfig& cfg, const Field& f) {
       break;
     case Kind::checkpointing: {
       auto c = *static_cast<Checkpointing*>(p);
-      if (c == Checkpointing::offload) n = "offload";
+      if (c == Checkpointing::offload || c == Checkpointing::keep_attention) n = checkpointing_name(c);
       else n = (c == Checkpointing::on);
       break;
     }
@@ -524,6 +527,16 @@ size_t edit_distance(const std::string& a, const std::string& b) {
 }
 
 }  // namespace
+
+const char* checkpointing_name(Checkpointing c) {
+  switch (c) {
+    case Checkpointing::off: return "off";
+    case Checkpointing::on: return "on";
+    case Checkpointing::offload: return "offload";
+    case Checkpointing::keep_attention: return "keep_attention";
+  }
+  return "?";
+}
 
 double LoraSection::scaling() const {
   return use_rslora ? lora_alpha / std::sqrt(static_cast<double>(r)) : lora_alpha / static_cast<double>(r);

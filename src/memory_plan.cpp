@@ -265,19 +265,26 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   for (const int64_t g : group_modules)
     if (g > 0) lora_xa += carved(N * g * r, act);
   const int64_t n_sets = o.checkpointing == Checkpointing::off ? layers : 1;
+  // The attention block's tensors: in every set, or under keep_attention kept for every layer apart.
+  const int64_t attention = carved(N * QKV, act) + carved(N * Q, act)  // qkv, att
+                            + carved(B * H * T, 4)                     // lse
+                            + carved(N * C, act);                      // x_mid
+  const bool keep_attention = o.checkpointing == Checkpointing::keep_attention;
   const int64_t set = carved(N * C, act) + carved(N, 4)              // ln1, rstd1
-                      + carved(N * QKV, act) + carved(N * Q, act)    // qkv, att
-                      + carved(B * H * T, 4)                         // lse
-                      + 2 * carved(N * C, act) + carved(N, 4)        // x_mid, ln2, rstd2
+                      + carved(N * C, act) + carved(N, 4)            // ln2, rstd2
                       + carved(N * 2 * F, act) + carved(N * F, act)  // gu, h
-                      + lora_xa;                                     // LoRA xa per fused projection
+                      + lora_xa                                      // LoRA xa per fused projection
+                      + (keep_attention ? 0 : attention);
   for (int64_t i = 0; i < n_sets; ++i) alloc(set);
-  p.activations = globals - p.logits_chunk + exchange + inputs + n_sets * set;
-  const char* mode = o.checkpointing == Checkpointing::off ? "off" : offload ? "offload" : "on";
+  const int64_t kept = keep_attention ? layers : 0;
+  for (int64_t i = 0; i < kept; ++i) alloc(attention);
+  p.activations = globals - p.logits_chunk + exchange + inputs + n_sets * set + kept * attention;
   p.notes.activations =
-      std::string("checkpointing ") + mode + ": " + std::to_string(device_inputs) + " layer inputs x " +
-      format_bytes(layer_input) + ", " + std::to_string(n_sets) + " layer set" + (n_sets > 1 ? "s" : "") + " x " +
-      format_bytes(set) + ", inputs and backward buffers " + format_bytes(globals - p.logits_chunk) +
+      std::string("checkpointing ") + checkpointing_name(o.checkpointing) + ": " + std::to_string(device_inputs) +
+      " layer inputs x " + format_bytes(layer_input) + ", " + std::to_string(n_sets) + " layer set" +
+      (n_sets > 1 ? "s" : "") + " x " + format_bytes(set) +
+      (kept ? ", " + std::to_string(kept) + " kept attention blocks x " + format_bytes(attention) : "") +
+      ", inputs and backward buffers " + format_bytes(globals - p.logits_chunk) +
       (exchange ? ", embedding rows of " + std::to_string(world) + " ranks " + format_bytes(exchange) : "");
   p.notes.logits_chunk =
       std::to_string(chunk) + " rows x " + std::to_string(V) + " vocab, " + act_name + " logits, dlogits in place";
@@ -442,7 +449,8 @@ std::vector<Alternative> alternatives(const RunConfig& cfg, const LlamaArch& arc
         {"model.load_in_4bit: true (QLoRA: NF4 base weights)", total_for(c, arch, batch, li, gpu, n_devices)});
     ++n_changes;
   }
-  if (cfg.model.gradient_checkpointing == Checkpointing::off) {
+  if (cfg.model.gradient_checkpointing == Checkpointing::off ||
+      cfg.model.gradient_checkpointing == Checkpointing::keep_attention) {
     RunConfig c = cfg;
     c.model.gradient_checkpointing = Checkpointing::on;
     out.push_back({"model.gradient_checkpointing: true (recompute each layer in backward)",
@@ -516,9 +524,7 @@ MemoryCheck check_training_memory(const RunConfig& cfg, const LlamaArch& arch, i
                                 plan_settings_from(cfg, gpu, li.rank, li.world_size), n_devices, &fullest);
   check.budget = memory_budget(cfg, placement);
   const MemoryPlan& plan = check.plan;
-  const std::string mode = cfg.model.gradient_checkpointing == Checkpointing::off       ? "off"
-                           : cfg.model.gradient_checkpointing == Checkpointing::offload ? "offload"
-                                                                                        : "on";
+  const std::string mode = checkpointing_name(cfg.model.gradient_checkpointing);
   const std::string header =
       std::string("memory plan per ") + (gpu ? "GPU (bf16" : "rank (CPU path, fp32") + "; " +
       (cfg.lora.enabled ? "LoRA r=" + std::to_string(cfg.lora.r) + (cfg.model.load_in_4bit ? " on NF4 weights" : "")

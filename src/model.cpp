@@ -517,8 +517,10 @@ void LlamaModel::allocate_activations() {
         wants.push_back({&layer_inputs_[static_cast<size_t>(l)], act, {N, C}});
     carve(*stages_[st].be, wants);
   }
-  // Per-layer activations: one set per layer, or with checkpointing a single recompute set per stage.
+  // Per-layer activations: one set per layer, or with checkpointing a single recompute set per stage;
+  // under keep_attention every layer keeps its attention block's tensors besides (below).
   const bool ckpt = opt_.checkpointing != Checkpointing::off;
+  const bool keep_attention = opt_.checkpointing == Checkpointing::keep_attention;
   const int n_sets = ckpt ? static_cast<int>(stages_.size()) : static_cast<int>(a.n_layers);
   const auto set_of = [&](int l) { return ckpt ? layer_stage_[static_cast<size_t>(l)] : l; };
   layer_acts_.resize(static_cast<size_t>(a.n_layers));
@@ -527,11 +529,11 @@ void LlamaModel::allocate_activations() {
   std::vector<Tensor> xa_sets(static_cast<size_t>(n_sets * kFusedProjections));
   for (int set = 0; set < n_sets; ++set) {
     LayerActs& A = sets[static_cast<size_t>(set)];
-    std::vector<Want> wants = {{&A.ln1, act, {N, C}},           {&A.rstd1, DType::f32, {N}},
-                               {&A.qkv, act, {N, a.qkv_dim()}}, {&A.att, act, {N, a.q_dim()}},
-                               {&A.lse, DType::f32, {B_, H, T_}}, {&A.x_mid, act, {N, C}},
-                               {&A.ln2, act, {N, C}},           {&A.rstd2, DType::f32, {N}},
-                               {&A.gu, act, {N, 2 * F}},        {&A.h, act, {N, F}}};
+    std::vector<Want> wants = {{&A.ln1, act, {N, C}}, {&A.rstd1, DType::f32, {N}}, {&A.ln2, act, {N, C}},
+                               {&A.rstd2, DType::f32, {N}}, {&A.gu, act, {N, 2 * F}}, {&A.h, act, {N, F}}};
+    if (!keep_attention)
+      wants.insert(wants.end(), {{&A.qkv, act, {N, a.qkv_dim()}}, {&A.att, act, {N, a.q_dim()}},
+                                 {&A.lse, DType::f32, {B_, H, T_}}, {&A.x_mid, act, {N, C}}});
     for (int g = 0; g < kFusedProjections; ++g)
       if (group_modules[static_cast<size_t>(g)] > 0)
         wants.push_back({&xa_sets[static_cast<size_t>(set * kFusedProjections + g)],
@@ -540,11 +542,14 @@ void LlamaModel::allocate_activations() {
     carve(ckpt ? *stages_[static_cast<size_t>(set)].be : be(set), wants);
   }
 
-  // Wire each layer to its activation set and its LoRA parts.
+  // Wire each layer to its activation set (and its kept attention block) and its LoRA parts.
   for (int l = 0; l < a.n_layers; ++l) {
     const int set = set_of(l);
     LayerActs& A = layer_acts_[static_cast<size_t>(l)];
     A = sets[static_cast<size_t>(set)];
+    if (keep_attention)
+      carve(be(l), {{&A.qkv, act, {N, a.qkv_dim()}}, {&A.att, act, {N, a.q_dim()}},
+                    {&A.lse, DType::f32, {B_, H, T_}}, {&A.x_mid, act, {N, C}}});
     if (!opt_.lora) continue;
     LoraGroup* const groups[kFusedProjections] = {&A.qkv_lora, &A.o_lora, &A.gate_up_lora, &A.down_lora};
     for (int g = 0; g < kFusedProjections; ++g) {
@@ -849,17 +854,26 @@ void LlamaModel::layer_forward(int l, bool recompute, uint64_t dropout_seed) {
   if (recompute || l == 0)
     b.residual_rmsnorm_forward(Tensor(), ln1, A.rstd1.flat_slice(0, N), x_in, Tensor(),
                                  base_weight(l, "input_layernorm.weight"), eps);
-  // Attention block.
-  linear_forward(qkv, ln1, l, A.qkv_lora, base_weight(l, "self_attn.qkv"), dropout_seed);
-  Tensor q = qkv.col_slice(0, a.q_dim()), k = qkv.col_slice(a.q_dim(), a.kv_dim()),
-         v = qkv.col_slice(a.q_dim() + a.kv_dim(), a.kv_dim());
-  Tensor pos = S.positions.flat_slice(0, N);
-  b.rope_forward(q, pos, S.rope_cos, S.rope_sin, a.head_dim);
-  b.rope_forward(k, pos, S.rope_cos, S.rope_sin, a.head_dim);
-  attend(l, att, A.lse.flat_slice(0, B_ * a.n_heads * T_), q, k, v);
-  linear_forward(delta, att, l, A.o_lora, base_weight(l, "self_attn.o_proj.weight"), dropout_seed);
-  b.residual_rmsnorm_forward(x_mid, ln2, A.rstd2.flat_slice(0, N), x_in, delta,
-                               base_weight(l, "post_attention_layernorm.weight"), eps);
+  if (recompute && opt_.checkpointing == Checkpointing::keep_attention) {
+    // The attention block's outputs were kept: only the LoRA input products its backward needs,
+    // and ln2 from the kept residual.
+    linear_forward(Tensor(), ln1, l, A.qkv_lora, Tensor(), dropout_seed);
+    linear_forward(Tensor(), att, l, A.o_lora, Tensor(), dropout_seed);
+    b.residual_rmsnorm_forward(Tensor(), ln2, A.rstd2.flat_slice(0, N), x_mid, Tensor(),
+                                 base_weight(l, "post_attention_layernorm.weight"), eps);
+  } else {
+    // Attention block.
+    linear_forward(qkv, ln1, l, A.qkv_lora, base_weight(l, "self_attn.qkv"), dropout_seed);
+    Tensor q = qkv.col_slice(0, a.q_dim()), k = qkv.col_slice(a.q_dim(), a.kv_dim()),
+           v = qkv.col_slice(a.q_dim() + a.kv_dim(), a.kv_dim());
+    Tensor pos = S.positions.flat_slice(0, N);
+    b.rope_forward(q, pos, S.rope_cos, S.rope_sin, a.head_dim);
+    b.rope_forward(k, pos, S.rope_cos, S.rope_sin, a.head_dim);
+    attend(l, att, A.lse.flat_slice(0, B_ * a.n_heads * T_), q, k, v);
+    linear_forward(delta, att, l, A.o_lora, base_weight(l, "self_attn.o_proj.weight"), dropout_seed);
+    b.residual_rmsnorm_forward(x_mid, ln2, A.rstd2.flat_slice(0, N), x_in, delta,
+                                 base_weight(l, "post_attention_layernorm.weight"), eps);
+  }
   // MLP block.
   linear_forward(gu, ln2, l, A.gate_up_lora, base_weight(l, "mlp.gate_up"), dropout_seed);
   b.swiglu_forward(h, gu.col_slice(0, F), gu.col_slice(F, F));

@@ -462,7 +462,7 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
     std::printf("batch: %lld x %lld tokens x %lld accumulation x %d ranks = %lld sequences per step | %lld steps, %lld warmup | %s | checkpointing %s\n",
                 (long long)B, (long long)T, (long long)accum, li.world_size, (long long)(B * accum * li.world_size),
                 (long long)total_steps, (long long)warmup, opt.kind().c_str(),
-                cfg.model.gradient_checkpointing == Checkpointing::off ? "off" : "on");
+                checkpointing_name(cfg.model.gradient_checkpointing));
     std::printf("%s", memory.report.c_str());
     std::fflush(stdout);
   }

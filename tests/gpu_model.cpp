@@ -1,5 +1,5 @@
 // The GPU path against HF (fixtures) and against itself: bf16 tolerances, and checkpointing
-// (recompute, and offloaded to host memory) bitwise identical to no checkpointing.
+// (recompute, offloaded to host memory, and keep_attention) bitwise identical to no checkpointing.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -49,13 +49,18 @@ TEST_P(GpuHfParity, CheckpointingIsBitwiseIdentical) {
   auto off = build_model(*be, c, Checkpointing::off);
   // Offloaded: layer inputs copied to pinned host memory and back on the copy stream.
   auto offload = build_model(*be, c, Checkpointing::offload);
+  // keep_attention: the attention blocks kept, the norms and MLP recomputed.
+  auto keep = build_model(*be, c, Checkpointing::keep_attention);
   const double loss_off = train_step(*off, c);
   EXPECT_EQ(train_step(*on, c), loss_off);
   EXPECT_EQ(train_step(*offload, c), loss_off);
+  EXPECT_EQ(train_step(*keep, c), loss_off);
   for (const auto& p : on->trainable().specs) {
-    std::vector<float> a = on->get_grad(p.name), b = off->get_grad(p.name), o = offload->get_grad(p.name);
+    std::vector<float> a = on->get_grad(p.name), b = off->get_grad(p.name), o = offload->get_grad(p.name),
+                       k = keep->get_grad(p.name);
     ASSERT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * 4)) << p.name;
     ASSERT_EQ(0, std::memcmp(o.data(), b.data(), o.size() * 4)) << p.name << " (offload)";
+    ASSERT_EQ(0, std::memcmp(k.data(), b.data(), k.size() * 4)) << p.name << " (keep_attention)";
   }
 }
 

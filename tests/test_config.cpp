@@ -111,6 +111,20 @@ TEST(Config, ArchitectureErrors) {
   EXPECT_NE(err.find("did you mean hidden_size"), std::string::npos) << err;
 }
 
+// gradient_checkpointing takes true, false, "offload" and "keep_attention", and writes them back as
+// it read them; anything else is named with the values it takes.
+TEST(Config, GradientCheckpointingModes) {
+  RunConfig c = parse_run_config(kBase, "run.yaml", {"model.gradient_checkpointing=keep_attention"});
+  EXPECT_EQ(c.model.gradient_checkpointing, Checkpointing::keep_attention);
+  const RunConfig again = parse_run_config(c.to_yaml(), "config.yaml");
+  EXPECT_EQ(again.model.gradient_checkpointing, Checkpointing::keep_attention);
+  c = parse_run_config(kBase, "run.yaml", {"model.gradient_checkpointing=false"});
+  EXPECT_EQ(parse_run_config(c.to_yaml(), "config.yaml").model.gradient_checkpointing, Checkpointing::off);
+  const std::string err = error_of(kBase, {"model.gradient_checkpointing=keep_attn"});
+  EXPECT_NE(err.find("model.gradient_checkpointing"), std::string::npos) << err;
+  EXPECT_NE(err.find("\"keep_attention\""), std::string::npos) << err;
+}
+
 TEST(Config, SetOverridesAreValidatedTheSameWay) {
   RunConfig c = parse_run_config(kBase, "run.yaml", {"training.seed=7", "lora.target_modules=q_proj,v_proj",
                                                      "model.gradient_checkpointing=offload"});

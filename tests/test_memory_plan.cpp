@@ -96,6 +96,8 @@ TEST(MemoryPlan, EqualsWhatACpuModelAllocates) {
        13,
        5},
       {"full, checkpointing, 8-bit", false, Checkpointing::on, kAll, 0.f, "adamw_8bit", false, 2, 2, 9, 0},
+      {"full, keep_attention", false, Checkpointing::keep_attention, kAll, 0.f, "adamw", false, 2, 2, 9, 0},
+      {"lora, keep_attention, dropout", true, Checkpointing::keep_attention, kAll, 0.1f, "adamw", false, 1, 3, 7, 4},
       {"full, no checkpointing, tied", false, Checkpointing::off, kAll, 0.f, "adamw", true, 2, 2, 11, 3},
   };
   auto cpu = make_cpu_backend();

@@ -161,11 +161,12 @@ TEST(Model, FullGradientsMatchFiniteDifferences) {
   finite_difference_check(false, false, {"lm_head.weight", "model.embed_tokens.weight"});
 }
 
-// Recompute (on) and offloaded recompute (layer inputs in host memory, two device slots) give
-// bitwise the gradients of keeping everything (off), over two steps of three layers.
+// Recompute (on), offloaded recompute (layer inputs in host memory, two device slots) and recompute
+// of the norms and MLP only (keep_attention) give bitwise the gradients of keeping everything (off),
+// over two steps of three layers.
 TEST(Model, CheckpointingIsBitwiseIdentical) {
   for (bool lora : {true, false})
-    for (Checkpointing mode : {Checkpointing::on, Checkpointing::offload}) {
+    for (Checkpointing mode : {Checkpointing::on, Checkpointing::offload, Checkpointing::keep_attention}) {
       auto backend = make_cpu_backend();
       ModelOptions o_off = options(lora, Checkpointing::off), o_ckpt = options(lora, mode);
       o_off.arch.n_layers = o_ckpt.arch.n_layers = 3;
@@ -180,7 +181,7 @@ TEST(Model, CheckpointingIsBitwiseIdentical) {
         for (const auto& p : off.trainable().specs) {
           std::vector<float> a = off.get_grad(p.name), b = ckpt.get_grad(p.name);
           ASSERT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * 4))
-              << p.name << (lora ? " (lora" : " (full") << (mode == Checkpointing::on ? ", recompute)" : ", offload)");
+              << p.name << (lora ? " (lora, " : " (full, ") << checkpointing_name(mode) << ")";
         }
       }
     }

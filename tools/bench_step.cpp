@@ -2,7 +2,7 @@
 // backward and optimizer, timed over several steps after warm-up; and the bf16 GEMM rate of our
 // cuBLASLt path, the denominator of MFU. tools/benchmark.py runs it next to the HF peer.
 //
-// Usage: ranktune_bench_step MODE [--gc 0|1|2] [--steps N] [--warmup N] [--batch B] [--seq T]
+// Usage: ranktune_bench_step MODE [--gc 0|1|2|3] [--steps N] [--warmup N] [--batch B] [--seq T]
 //                                 [--layers L] [--profile 0|1] [--ranks N] [--zero 0|1] [--iters N]
 //   MODE: lora   LoRA r=16 on all seven projections
 //         full   full fine-tuning
@@ -51,7 +51,7 @@ using namespace ranktune;
 namespace {
 
 constexpr const char* kUsage =
-    "usage: ranktune_bench_step lora|full|qlora|gemm [--gc 0|1|2 (2 = offload)] [--steps N] [--warmup N] [--batch B]\n"
+    "usage: ranktune_bench_step lora|full|qlora|gemm [--gc 0|1|2|3 (2 = offload, 3 = keep_attention)] [--steps N] [--warmup N] [--batch B]\n"
     "                           [--seq T] [--layers L] [--profile 0|1] [--ranks N] [--zero 0|1 (full, --ranks > 1)]\n"
     "                           [--iters N]\n";
 
@@ -104,6 +104,7 @@ Args parse_args(int argc, char** argv) {
   if (a.steps < 1 || a.warmup < 0 || a.batch < 1 || a.seq < 2 || a.layers < 1 || a.iters < 1 || a.ranks < 1)
     usage_error("--steps, --batch, --layers, --iters, --ranks must be >= 1, --seq >= 2, --warmup >= 0");
   if (a.zero != 0 && a.zero != 1) usage_error("--zero must be 0 or 1");
+  if (a.gc < 0 || a.gc > 3) usage_error("--gc must be 0 (off), 1 (on), 2 (offload) or 3 (keep_attention)");
   if (a.zero == 1 && (a.mode != "full" || a.ranks < 2))
     usage_error("--zero 1 shards full fine-tuning over ranks: it needs MODE full and --ranks > 1");
   return a;
@@ -263,7 +264,9 @@ int run_training(const Args& args) {
   o.lora_r = 16;
   o.lora_scaling = 1.0f;
   o.lora_targets = lora_module_names();
-  o.checkpointing = args.gc == 2 ? Checkpointing::offload : args.gc ? Checkpointing::on : Checkpointing::off;
+  const Checkpointing by_gc[] = {Checkpointing::off, Checkpointing::on, Checkpointing::offload,
+                                 Checkpointing::keep_attention};
+  o.checkpointing = by_gc[args.gc];
   o.max_batch = B;
   o.max_seq = T;
   // ZeRO-1 as the trainer runs it on the GPU: the optimizer keeps the fp32 masters of its shard.

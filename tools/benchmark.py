@@ -16,10 +16,12 @@ line or its error), report.md (what was printed) and logs/ (each run's stdout an
 Workloads, Llama-3.2-1B shape with random weights, batch 2 x 2048 per GPU:
   a  LoRA r=16 on all seven projections, gradient checkpointing
   b  LoRA r=16, no checkpointing
-  c  full fine-tuning, checkpointing (HF under bf16 autocast)
+  c  full fine-tuning, checkpointing (HF under bf16 autocast, every layer recomputed); ranktune
+     keeps each layer's attention block and recomputes its norms and MLP (keep_attention), and
+     also runs c1: the same with every layer recomputed (no HF run, no target)
   d  QLoRA (ranktune only: the HF peer script has no 4-bit mode; the target is against (a))
   e  2-GPU data parallel of (a) and (c) (mpirun -np 2 / torchrun; skipped with fewer than 2 GPUs);
-     ranktune's (c) runs ZeRO-1 (`--zero 1`: data parallel with the fp32 masters and optimizer
+     ranktune's (c) runs ZeRO-1 with keep_attention (`--zero 1`: data parallel with the fp32 masters and optimizer
      states sharded over the ranks, as distributed.zero_stage: 1 trains), its (a) plain data
      parallel; the HF peer runs both as plain DDP
 A row that cannot run (a mode not built yet, a missing binary, a timeout) says "not available:"
@@ -48,30 +50,39 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = {
     "a": ("(a) LoRA r=16, 7 modules, checkpointing", ["lora", "--gc", "1"], ["lora", "--gc", "1"], 1),
     "b": ("(b) LoRA r=16, no checkpointing", ["lora", "--gc", "0"], ["lora", "--gc", "0"], 1),
-    "c": ("(c) full fine-tuning, checkpointing", ["full", "--gc", "1"], ["full", "--gc", "1"], 1),
+    # ranktune's (c) keeps each layer's attention block and recomputes the norms and MLP
+    # (gradient_checkpointing: keep_attention); HF recomputes every layer. c1 is ranktune's (c) with
+    # every layer recomputed too (gradient_checkpointing: true), for comparison.
+    "c": ("(c) full fine-tuning, checkpointing (ranktune: keep_attention)", ["full", "--gc", "3"],
+          ["full", "--gc", "1"], 1),
+    "c1": ("(c) full fine-tuning, every layer recomputed (ranktune: true)", ["full", "--gc", "1"], None, 1),
     "d": ("(d) QLoRA r=16, 7 modules, checkpointing", ["qlora", "--gc", "1"], None, 1),
     "e-a": ("(e) 2 GPUs, data parallel (a)", ["lora", "--gc", "1"], ["lora", "--gc", "1"], 2),
-    "e-c": ("(e) 2 GPUs, ZeRO-1 data parallel (c)", ["full", "--gc", "1", "--zero", "1"], ["full", "--gc", "1"], 2),
+    "e-c": ("(e) 2 GPUs, ZeRO-1 data parallel (c)", ["full", "--gc", "3", "--zero", "1"], ["full", "--gc", "1"], 2),
 }
-HF_NONE_REASON = {"d": "n/a: the HF peer script has no 4-bit mode"}
+HF_NONE_REASON = {"d": "n/a: the HF peer script has no 4-bit mode", "c1": "(c)'s HF row"}
 TARGETS = {
     "a": ">= 2.5x HF tok/s at <= 0.4x its peak memory",
     "b": ">= 2x HF tok/s",
     "c": ">= 1.5x HF tok/s, MFU >= 50%",
+    "c1": "none (for comparison)",
     "d": "step time <= 1.3x (a)'s",
     "e-a": "2-GPU scaling >= 97% of 2x (a)",
     "e-c": "2-GPU scaling >= 97% of 2x (c)",
 }
 
 
-def expand_workloads(spec):
-    """'a,b,e' -> ['a', 'b', 'e-a', 'e-c'] in the issue's order; raises ValueError on unknown keys."""
+def expand_workloads(spec, companions=True):
+    """'a,b,e' -> ['a', 'b', 'e-a', 'e-c'] in the issue's order, and c with c1 unless companions is
+    False; raises ValueError on unknown keys."""
     keys = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
         if part == "e":
             keys += ["e-a", "e-c"]
+        elif part == "c" and companions:
+            keys += ["c", "c1"]
         elif part in WORKLOADS:
             keys.append(part)
         else:
@@ -188,7 +199,7 @@ def plan(args, keys, n_gpus):
                 hf = [args.python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
                       args.hf_script] + hf_args + shape
             runs.append((key, "hf", hf, multi_env if gpus > 1 else {}))
-    for key in expand_workloads(args.profile):
+    for key in expand_workloads(args.profile, companions=False):
         if key not in keys or WORKLOADS[key][3] != 1 or n_gpus < 1:
             continue
         runs.append((key, "ranktune-profile", [bench] + WORKLOADS[key][1] + shape + ["--profile", "1"], {}))
@@ -221,6 +232,8 @@ def evaluate(key, rt, hf, base, gemm_tflops):
     base: the single-GPU ranktune results by workload key, for (d) and (e)."""
     if rt is None:
         return "n/a"
+    if key == "c1":
+        return "-"
     checks = []  # (met, text)
     if key in ("a", "b", "c"):
         if hf is None:

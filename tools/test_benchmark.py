@@ -36,8 +36,8 @@ META = {"gpu": "NVIDIA H100 80GB HBM3", "gpu_count": 1, "commit": "abc1234", "da
 
 class Workloads(unittest.TestCase):
     def test_expand_in_issue_order(self):
-        self.assertEqual(benchmark.expand_workloads("e,c,a"), ["a", "c", "e-a", "e-c"])
-        self.assertEqual(benchmark.expand_workloads("a,b,c,d,e"), ["a", "b", "c", "d", "e-a", "e-c"])
+        self.assertEqual(benchmark.expand_workloads("e,c,a"), ["a", "c", "c1", "e-a", "e-c"])
+        self.assertEqual(benchmark.expand_workloads("a,b,c,d,e"), ["a", "b", "c", "c1", "d", "e-a", "e-c"])
         self.assertEqual(benchmark.expand_workloads(""), [])
         with self.assertRaises(ValueError):
             benchmark.expand_workloads("a,x")
@@ -56,6 +56,10 @@ class Workloads(unittest.TestCase):
         self.assertIn("--steps", cmds[("a", "ranktune")])
         self.assertEqual(cmds[("b", "hf")][1:5], [args.hf_script, "lora", "--gc", "0"])
         self.assertEqual(cmds[("c", "hf")][2:5], ["full", "--gc", "1"])
+        # ranktune's (c) keeps the attention blocks; c1 recomputes every layer and has no HF run
+        self.assertEqual(cmds[("c", "ranktune")][1:4], ["full", "--gc", "3"])
+        self.assertEqual(cmds[("c1", "ranktune")][1:4], ["full", "--gc", "1"])
+        self.assertNotIn(("c1", "hf"), cmds)
         self.assertEqual(cmds[("d", "ranktune")][1:4], ["qlora", "--gc", "1"])
         self.assertNotIn(("d", "hf"), cmds)
         self.assertNotIn(("e-a", "ranktune"), cmds)
@@ -76,7 +80,7 @@ class Workloads(unittest.TestCase):
         self.assertEqual(env["NCCL_NVLS_ENABLE"], "0")
         # (e)'s full fine-tuning runs ZeRO-1; the label says so
         cmd, _ = cmds[("e-c", "ranktune")]
-        self.assertEqual(cmd[5:10], ["full", "--gc", "1", "--zero", "1"])
+        self.assertEqual(cmd[5:10], ["full", "--gc", "3", "--zero", "1"])
         self.assertEqual(cmd[-2:], ["--ranks", "2"])
         self.assertIn("ZeRO-1", benchmark.WORKLOADS["e-c"][0])
         self.assertIn("--nproc_per_node=2", cmds[("e-c", "hf")][0])
@@ -261,7 +265,8 @@ class WholeRun(unittest.TestCase):
             self.assertIn("meta", lines[0])
             self.assertEqual([(l["workload"], l["peer"]) for l in lines[1:]],
                              [("gemm", "ranktune"), ("a", "ranktune"), ("a", "hf"), ("b", "ranktune"), ("b", "hf"),
-                              ("c", "ranktune"), ("c", "hf"), ("d", "ranktune"), ("a", "ranktune-profile"),
+                              ("c", "ranktune"), ("c", "hf"), ("c1", "ranktune"), ("d", "ranktune"),
+                              ("a", "ranktune-profile"),
                               ("c", "ranktune-profile")])
             self.assertTrue(os.path.exists(os.path.join(out, "logs", "a-hf.log")))
             again = io.StringIO()

@@ -11,7 +11,13 @@
 
 namespace ranktune {
 
-enum class Checkpointing { off, on, offload };
+// model.gradient_checkpointing. on: keep each layer's input, recompute the layer in backward;
+// offload: the same with the inputs in host memory; keep_attention: keep each layer's attention
+// block too (q, k, v after RoPE, the attention output and its log-sum-exp, the residual after
+// attention), so backward recomputes only the norms and the MLP.
+enum class Checkpointing { off, on, offload, keep_attention };
+// "off", "on", "offload" or "keep_attention" (a config file spells the first two false and true).
+const char* checkpointing_name(Checkpointing c);
 
 struct ModelSection {
   std::string name_or_path;   // HF model directory; empty = the inline architecture
