@@ -3,7 +3,7 @@
 # among them), and the scaling of `ranktune train` at the Llama-3.2-1B shape from 1 to N GPUs for
 # LoRA and full fine-tuning. Logs under $OUT (default ./device-out).
 # Usage: tools/device_multi_gpu.sh [stages...]
-#   stages: build tests scaling export_hf hf_dir memory auto_cap perf comm
+#   stages: build tests scaling export_hf hf_dir memory auto_cap perf comm lora_dp
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device-out}
@@ -120,6 +120,21 @@ for stage in ${*:-build tests scaling}; do
       done
       mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 --output-filename "$OUT/prof_zero" $step full --zero 1 --gc 1 --ranks 2 --steps 4 --warmup 2 --profile 1 > /dev/null 2>&1
       for f in $(find "$OUT/prof_zero" -name 'stderr' | sort); do echo "## $f"; grep -A30 "^op profile" "$f" | grep -E "matmul|adamw|attention|idle|outside|wall|sum of"; done ;;
+    lora_dp)
+      log "(a) on each GPU alone, then on 2 GPUs with every rank's op profile"
+      step=./$build/ranktune_bench_step
+      for gpu in $(seq 0 $((n_gpus - 1))); do
+        CUDA_VISIBLE_DEVICES=$gpu $step lora --gc 1 --steps 8 --warmup 2 >> "$OUT/lora_dp.log" 2>&1
+      done
+      mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 $step lora --gc 1 --ranks 2 --steps 8 --warmup 2 \
+        >> "$OUT/lora_dp.log" 2>&1
+      summarize "$OUT/lora_dp.log"
+      $step lora --gc 1 --steps 4 --warmup 2 --profile 1 > /dev/null 2> "$OUT/prof_lora_1.txt"
+      mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 --output-filename "$OUT/prof_lora_dp" $step lora --gc 1 \
+        --ranks 2 --steps 4 --warmup 2 --profile 1 > /dev/null 2>&1
+      for f in "$OUT/prof_lora_1.txt" $(find "$OUT/prof_lora_dp" -name 'stderr' | sort); do
+        echo "## $f"; grep -A40 "^op profile" "$f" | grep -E "matmul|attention|idle|outside|wall|sum of|step"
+      done ;;
     auto_cap)
       log "a per-GPU cap of 3 GiB: one GPU is refused with the plan, device_map auto over $n_gpus GPUs trains"
       python3 tools/make_bench_data.py > /dev/null
