@@ -436,8 +436,11 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
   }
   comm->barrier("the start of training");
 
-  // Where every rank runs, gathered for the banner.
-  std::vector<std::string> rank_devices = gather_to_root(li.hostname + " " + s.backend->name(), li);
+  // Where every rank runs (each of its GPUs under device_map auto), gathered for the banner.
+  std::string my_devices = li.hostname + " " + s.backend->name();
+  for (const auto& more : s.more_backends) my_devices += " + " + more->name();
+  std::vector<std::string> rank_devices = gather_to_root(my_devices, li);
+  const int devices_per_rank = 1 + static_cast<int>(s.more_backends.size());
 
   const double fpt = flops_per_token(s.arch, !cfg.lora.enabled, T);
   const double peak = peak_flops(s.backend->name());
@@ -445,14 +448,17 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
     const int64_t n_params = s.arch.n_params();
     std::printf("ranktune %s | %s\n", RANKTUNE_VERSION, s.placement.notice.empty() ? s.backend->name().c_str() : s.placement.notice.c_str());
     if (li.world_size > 1)
-      std::printf("Multi-GPU training enabled: %d ranks x 1 %s, data parallel over %s\n", li.world_size,
-                  s.placement.use_gpu ? "GPU" : "CPU", comm->name().c_str());
+      std::printf("Multi-GPU training enabled: %d ranks x %d %s%s, data parallel over %s\n", li.world_size,
+                  devices_per_rank, s.placement.use_gpu ? "GPU" : "CPU", devices_per_rank > 1 ? "s" : "",
+                  comm->name().c_str());
     if (zero)
       std::printf("ZeRO-1: fp32 masters and optimizer states sharded over %d ranks (whole tensors per shard)\n",
                   li.world_size);
     if (li.world_size > 1)
       for (int r = 0; r < li.world_size; ++r) std::printf("  rank %d: %s\n", r, rank_devices[static_cast<size_t>(r)].c_str());
-    if (!s.stages.empty()) std::printf("device_map auto: %s\n", s.stages.c_str());
+    if (!s.stages.empty())
+      std::printf("device_map auto%s: %s\n", li.world_size > 1 ? " (rank 0; every rank alike on its own GPUs)" : "",
+                  s.stages.c_str());
     if (!s.placement.unused_gpus_hint.empty()) std::printf("note: %s\n", s.placement.unused_gpus_hint.c_str());
     std::printf("model: %lld layers, hidden %lld, heads %lld/%lld kv, vocab %lld | parameters %.2fM, trainable %.3fM (%.2f%%)%s\n",
                 (long long)s.arch.n_layers, (long long)s.arch.hidden_size, (long long)s.arch.n_heads,

@@ -128,3 +128,50 @@ TEST(GpuDeviceMapAuto, TwoGpusInOneProcessEqualOneGpu) {
   EXPECT_LT(worst, 1e-5);
   EXPECT_LT(b.back(), b.front());
 }
+
+// 2 ranks x 2 GPUs: data parallel over the ranks, device_map auto inside each (a rank's layers spread
+// over its two GPUs, rank 1 on cuda:2 and cuda:3). It trains what 2 ranks of one GPU each train: the
+// same kernels on the same shapes, and the same gradients summed over NCCL.
+TEST(GpuDeviceMapAuto, TwoRanksOfTwoGpusEqualTwoRanksOfOne) {
+  SKIP_WITHOUT_GPU();
+  int count = 0;
+  (void)cudaGetDeviceCount(&count);
+  if (count < 4) GTEST_SKIP() << "needs 4 GPUs, this machine has " << count;
+  const std::string dir = fresh_temp_dir("gpu_device_map_auto_ranks");
+  std::ofstream(dir + "/run.yaml")
+      << "model:\n"
+         "  architecture: {vocab_size: 512, hidden_size: 256, intermediate_size: 512, num_hidden_layers: 6,\n"
+         "                 num_attention_heads: 8, num_key_value_heads: 2, max_position_embeddings: 256,\n"
+         "                 tie_word_embeddings: true}\n"
+         "  tokenizer: byte\n"
+         "  max_seq_length: 64\n"
+         "  enable_multi_gpu: true\n"
+         "lora: {enabled: true, r: 8, lora_alpha: 16}\n"
+         "data: {train_file: jobs/data/quickstart/train.jsonl, format: prompt_completion, packing: true}\n"
+         "training: {max_steps: 10, learning_rate: 2.0e-3, warmup_steps: 2, per_device_train_batch_size: 2}\n"
+         "logging: {logging_steps: 1}\n";
+  const std::string bin = RANKTUNE_BINARY;
+  const std::string mpirun = std::string(RANKTUNE_MPIEXEC) + " --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 ";
+  const CommandResult auto2 = run_command(mpirun + bin + " train " + dir + "/run.yaml --set model.device_map=auto" +
+                                              " --set training.output_dir=" + dir + "/auto",
+                                          1);
+  ASSERT_EQ(auto2.code, 0) << auto2.output;
+  EXPECT_NE(auto2.output.find("Multi-GPU training enabled: 2 ranks x 2 GPUs, data parallel over NCCL"),
+            std::string::npos)
+      << auto2.output;
+  EXPECT_NE(auto2.output.find("cuda:2"), std::string::npos) << auto2.output;
+  EXPECT_NE(auto2.output.find(" + cuda:3"), std::string::npos) << auto2.output;
+  EXPECT_NE(auto2.output.find("device_map auto (rank 0; every rank alike on its own GPUs): layers 0-"),
+            std::string::npos)
+      << auto2.output;
+  const CommandResult plain = run_command(mpirun + bin + " train " + dir + "/run.yaml --set training.output_dir=" + dir + "/plain", 1);
+  ASSERT_EQ(plain.code, 0) << plain.output;
+  const auto a = logged_losses(dir + "/auto"), b = logged_losses(dir + "/plain");
+  ASSERT_EQ(a.size(), 10u);
+  ASSERT_EQ(b.size(), 10u);
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs(a[i] - b[i]) / std::fabs(b[i]));
+  std::printf("[device_map auto] 2 ranks x 2 GPUs vs 2 ranks x 1 GPU: largest relative loss difference %.3e\n", worst);
+  EXPECT_LT(worst, 1e-5);
+  EXPECT_LT(b.back(), b.front());
+}
