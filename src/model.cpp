@@ -521,6 +521,13 @@ void LlamaModel::allocate_activations() {
   // under keep_attention every layer keeps its attention block's tensors besides (below).
   const bool ckpt = opt_.checkpointing != Checkpointing::off;
   const bool keep_attention = opt_.checkpointing == Checkpointing::keep_attention;
+  // The attention block's outputs: in the layer's set, or under keep_attention apart, per layer.
+  const auto attention_wants = [&](LayerActs& A) {
+    return std::vector<Want>{{&A.qkv, act, {N, a.qkv_dim()}},
+                             {&A.att, act, {N, a.q_dim()}},
+                             {&A.lse, DType::f32, {B_, H, T_}},
+                             {&A.x_mid, act, {N, C}}};
+  };
   const int n_sets = ckpt ? static_cast<int>(stages_.size()) : static_cast<int>(a.n_layers);
   const auto set_of = [&](int l) { return ckpt ? layer_stage_[static_cast<size_t>(l)] : l; };
   layer_acts_.resize(static_cast<size_t>(a.n_layers));
@@ -531,9 +538,10 @@ void LlamaModel::allocate_activations() {
     LayerActs& A = sets[static_cast<size_t>(set)];
     std::vector<Want> wants = {{&A.ln1, act, {N, C}}, {&A.rstd1, DType::f32, {N}}, {&A.ln2, act, {N, C}},
                                {&A.rstd2, DType::f32, {N}}, {&A.gu, act, {N, 2 * F}}, {&A.h, act, {N, F}}};
-    if (!keep_attention)
-      wants.insert(wants.end(), {{&A.qkv, act, {N, a.qkv_dim()}}, {&A.att, act, {N, a.q_dim()}},
-                                 {&A.lse, DType::f32, {B_, H, T_}}, {&A.x_mid, act, {N, C}}});
+    if (!keep_attention) {
+      const std::vector<Want> attention = attention_wants(A);
+      wants.insert(wants.end(), attention.begin(), attention.end());
+    }
     for (int g = 0; g < kFusedProjections; ++g)
       if (group_modules[static_cast<size_t>(g)] > 0)
         wants.push_back({&xa_sets[static_cast<size_t>(set * kFusedProjections + g)],
@@ -547,9 +555,7 @@ void LlamaModel::allocate_activations() {
     const int set = set_of(l);
     LayerActs& A = layer_acts_[static_cast<size_t>(l)];
     A = sets[static_cast<size_t>(set)];
-    if (keep_attention)
-      carve(be(l), {{&A.qkv, act, {N, a.qkv_dim()}}, {&A.att, act, {N, a.q_dim()}},
-                    {&A.lse, DType::f32, {B_, H, T_}}, {&A.x_mid, act, {N, C}}});
+    if (keep_attention) carve(be(l), attention_wants(A));
     if (!opt_.lora) continue;
     LoraGroup* const groups[kFusedProjections] = {&A.qkv_lora, &A.o_lora, &A.gate_up_lora, &A.down_lora};
     for (int g = 0; g < kFusedProjections; ++g) {
