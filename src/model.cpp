@@ -536,8 +536,8 @@ void LlamaModel::allocate_activations() {
   std::vector<Tensor> xa_sets(static_cast<size_t>(n_sets * kFusedProjections));
   for (int set = 0; set < n_sets; ++set) {
     LayerActs& A = sets[static_cast<size_t>(set)];
-    std::vector<Want> wants = {{&A.ln1, act, {N, C}}, {&A.rstd1, DType::f32, {N}}, {&A.ln2, act, {N, C}},
-                               {&A.rstd2, DType::f32, {N}}, {&A.gu, act, {N, 2 * F}}, {&A.h, act, {N, F}}};
+    std::vector<Want> wants = {{&A.ln1, act, {N, C}},       {&A.rstd1, DType::f32, {N}}, {&A.ln2, act, {N, C}},
+                               {&A.rstd2, DType::f32, {N}}, {&A.gu, act, {N, 2 * F}},    {&A.h, act, {N, F}}};
     if (!keep_attention) {
       const std::vector<Want> attention = attention_wants(A);
       wants.insert(wants.end(), attention.begin(), attention.end());
@@ -866,7 +866,7 @@ void LlamaModel::layer_forward(int l, bool recompute, uint64_t dropout_seed) {
     linear_forward(Tensor(), ln1, l, A.qkv_lora, Tensor(), dropout_seed);
     linear_forward(Tensor(), att, l, A.o_lora, Tensor(), dropout_seed);
     b.residual_rmsnorm_forward(Tensor(), ln2, A.rstd2.flat_slice(0, N), x_mid, Tensor(),
-                                 base_weight(l, "post_attention_layernorm.weight"), eps);
+                               base_weight(l, "post_attention_layernorm.weight"), eps);
   } else {
     // Attention block.
     linear_forward(qkv, ln1, l, A.qkv_lora, base_weight(l, "self_attn.qkv"), dropout_seed);
@@ -878,7 +878,7 @@ void LlamaModel::layer_forward(int l, bool recompute, uint64_t dropout_seed) {
     attend(l, att, A.lse.flat_slice(0, B_ * a.n_heads * T_), q, k, v);
     linear_forward(delta, att, l, A.o_lora, base_weight(l, "self_attn.o_proj.weight"), dropout_seed);
     b.residual_rmsnorm_forward(x_mid, ln2, A.rstd2.flat_slice(0, N), x_in, delta,
-                                 base_weight(l, "post_attention_layernorm.weight"), eps);
+                               base_weight(l, "post_attention_layernorm.weight"), eps);
   }
   // MLP block.
   linear_forward(gu, ln2, l, A.gate_up_lora, base_weight(l, "mlp.gate_up"), dropout_seed);

@@ -465,10 +465,12 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
                 (long long)s.arch.n_kv_heads, (long long)s.arch.vocab_size, n_params / 1e6, params.numel / 1e6,
                 100.0 * static_cast<double>(params.numel) / static_cast<double>(n_params),
                 cfg.lora.enabled ? (" | LoRA r=" + std::to_string(cfg.lora.r)).c_str() : " | full fine-tuning");
-    std::printf("batch: %lld x %lld tokens x %lld accumulation x %d ranks = %lld sequences per step | %lld steps, %lld warmup | %s | checkpointing %s\n",
-                (long long)B, (long long)T, (long long)accum, li.world_size, (long long)(B * accum * li.world_size),
-                (long long)total_steps, (long long)warmup, opt.kind().c_str(),
-                checkpointing_name(cfg.model.gradient_checkpointing));
+    std::printf(
+        "batch: %lld x %lld tokens x %lld accumulation x %d ranks = %lld sequences per step | %lld steps, %lld warmup "
+        "| %s | checkpointing %s\n",
+        (long long)B, (long long)T, (long long)accum, li.world_size, (long long)(B * accum * li.world_size),
+        (long long)total_steps, (long long)warmup, opt.kind().c_str(),
+        checkpointing_name(cfg.model.gradient_checkpointing));
     std::printf("%s", memory.report.c_str());
     std::fflush(stdout);
   }

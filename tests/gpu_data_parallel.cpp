@@ -164,7 +164,8 @@ TEST(GpuDeviceMapAuto, TwoRanksOfTwoGpusEqualTwoRanksOfOne) {
   EXPECT_NE(auto2.output.find("device_map auto (rank 0; every rank alike on its own GPUs): layers 0-"),
             std::string::npos)
       << auto2.output;
-  const CommandResult plain = run_command(mpirun + bin + " train " + dir + "/run.yaml --set training.output_dir=" + dir + "/plain", 1);
+  const CommandResult plain =
+      run_command(mpirun + bin + " train " + dir + "/run.yaml --set training.output_dir=" + dir + "/plain", 1);
   ASSERT_EQ(plain.code, 0) << plain.output;
   const auto a = logged_losses(dir + "/auto"), b = logged_losses(dir + "/plain");
   ASSERT_EQ(a.size(), 10u);

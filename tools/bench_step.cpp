@@ -51,7 +51,8 @@ using namespace ranktune;
 namespace {
 
 constexpr const char* kUsage =
-    "usage: ranktune_bench_step lora|full|qlora|gemm [--gc 0|1|2|3 (2 = offload, 3 = keep_attention)] [--steps N] [--warmup N] [--batch B]\n"
+    "usage: ranktune_bench_step lora|full|qlora|gemm [--gc 0|1|2|3 (2 = offload, 3 = keep_attention)]\n"
+    "                           [--steps N] [--warmup N] [--batch B]\n"
     "                           [--seq T] [--layers L] [--profile 0|1] [--ranks N] [--zero 0|1 (full, --ranks > 1)]\n"
     "                           [--iters N]\n";
 
