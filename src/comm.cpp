@@ -181,9 +181,9 @@ void Communicator::barrier(const std::string& what) {
 GradReducer::GradReducer(Communicator& comm, ParamGroup& params, int n_layers,
                          const std::vector<int64_t>* shard_offsets)
     : comm_(comm), grad_(params.grad), sharded_(shard_offsets != nullptr) {
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> runs(static_cast<size_t>(2 * n_layers + 1));
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> runs(static_cast<size_t>(n_layers + 1));
   for (const ParamSpec& p : params.specs) {
-    auto& r = runs[static_cast<size_t>(grad_bucket(p, n_layers))];
+    auto& r = runs[static_cast<size_t>(p.layer >= 0 ? p.layer : n_layers)];
     if (!r.empty() && r.back().first + r.back().second == p.offset)
       r.back().second += p.numel;
     else

@@ -37,13 +37,6 @@ int64_t LlamaArch::n_params() const {
   return n;
 }
 
-int grad_bucket(const ParamSpec& p, int64_t n_layers) {
-  if (p.layer < 0) return static_cast<int>(2 * n_layers);
-  const bool mlp = p.name.find(".mlp.") != std::string::npos ||
-                   p.name.find(".post_attention_layernorm.") != std::string::npos;
-  return 2 * p.layer + (mlp ? 1 : 0);
-}
-
 std::vector<ParamSpec> llama_param_layout(const LlamaArch& a) {
   std::vector<ParamSpec> specs;
   int64_t offset = 0;

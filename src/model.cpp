@@ -24,12 +24,6 @@ int GradLedger::add_slot(const std::string& name, int writes_per_micro, int buck
   return static_cast<int>(slots_.size()) - 1;
 }
 
-bool GradLedger::bucket_used(int bucket) const {
-  for (const auto& s : slots_)
-    if (s.bucket == bucket) return true;
-  return false;
-}
-
 int GradLedger::find(const std::string& name) const {
   for (size_t i = 0; i < slots_.size(); ++i)
     if (slots_[i].name == name) return static_cast<int>(i);
@@ -96,7 +90,7 @@ void GradLedger::end_micro() {
 void GradLedger::end_step() {
   RT_ASSERT(in_step_ && micro_ == n_micro_ - 1, "end_step before the last micro-batch");
   for (int b = 0; b < n_buckets_; ++b)
-    RT_ASSERT(bucket_ready_this_step_[static_cast<size_t>(b)] == (bucket_used(b) ? 1 : 0),
+    RT_ASSERT(bucket_ready_this_step_[static_cast<size_t>(b)] == 1,
               "bucket " + std::to_string(b) + " was not reduced exactly once");
   in_step_ = false;
 }
@@ -344,6 +338,7 @@ void LlamaModel::build_params() {
       else base_.stage_views.push_back(buf.as(act, {p.numel}, static_cast<size_t>(at[i]) * dtype_size(act)));
     }
   }
+  const int global_bucket = static_cast<int>(a.n_layers);
   if (opt_.train_base) {
     if (gpu && !opt_.master_weights) {
       // ZeRO-1: the optimizer holds the masters of its shard.
@@ -360,10 +355,11 @@ void LlamaModel::build_params() {
     const bool exchange_rows = a.tie_word_embeddings && opt_.data_parallel_ranks > 1;
     for (const auto& s : base_.specs) {
       const bool tied_embedding = a.tie_word_embeddings && s.name == "model.embed_tokens.weight";
-      base_.slot.push_back(ledger_.add_slot(s.name, tied_embedding && !exchange_rows ? 2 : 1, grad_bucket(s, a.n_layers)));
+      base_.slot.push_back(
+          ledger_.add_slot(s.name, tied_embedding && !exchange_rows ? 2 : 1, s.layer >= 0 ? s.layer : global_bucket));
     }
     if (exchange_rows) {
-      emb_rows_.bucket = grad_bucket(ParamSpec{}, a.n_layers) + 1;  // after the tensors outside the layers
+      emb_rows_.bucket = global_bucket + 1;
       emb_lookup_slot_ = ledger_.add_slot("model.embed_tokens.weight (lookup rows)", 1, emb_rows_.bucket);
     }
   }
@@ -406,7 +402,7 @@ void LlamaModel::build_params() {
   if (!opt_.train_base) {
     lora_.grad_buf = be_.alloc(static_cast<size_t>(lora_.numel) * 4);
     lora_.grad = lora_.grad_buf.as(DType::f32, {lora_.numel});
-    for (const auto& s : lora_.specs) lora_.slot.push_back(ledger_.add_slot(s.name, 1, grad_bucket(s, a.n_layers)));
+    for (const auto& s : lora_.specs) lora_.slot.push_back(ledger_.add_slot(s.name, 1, s.layer));
   }
 }
 

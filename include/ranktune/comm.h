@@ -107,8 +107,8 @@ class Communicator {
   Watchdog watchdog_;
 };
 
-// Data-parallel gradient reduction through a communicator: a bucket (grad_bucket in llama.h: half a
-// layer's tensors, or the embedding, final norm and head) is reduced as soon as the model's ledger reports it ready
+// Data-parallel gradient reduction through a communicator: a bucket -- a layer's tensors, or the
+// embedding, final norm and head -- is reduced as soon as the model's ledger reports it ready
 // (during the last micro-batch's backward, in backward order), as the runs of adjacent tensors it
 // holds; finish() waits for every reduction before the gradients are read. Without shard offsets
 // each run is summed on every rank (all-reduce). Under ZeRO-1 (shard_offsets: the optimizer's

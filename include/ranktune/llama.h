@@ -108,13 +108,6 @@ struct ParamSpec {
 // down_proj; model.norm; lm_head (absent when tied).
 std::vector<ParamSpec> llama_param_layout(const LlamaArch& arch);
 
-// The gradient bucket of a tensor (base or LoRA), reduced over ranks as soon as backward completes
-// it: layer l's attention half (input_layernorm, q, k, v, o and their adapters) is 2l, its MLP half
-// (post_attention_layernorm, gate, up, down and theirs) 2l + 1, and the tensors outside the layers
-// are 2 n_layers. Backward finishes a layer's MLP half before its attention half, so the MLP half is
-// reduced while the attention backward runs: after the last layer only an attention half is left.
-int grad_bucket(const ParamSpec& p, int64_t n_layers);
-
 // HF's rotary frequencies, with llama3 scaling when configured: inv_freq[i] for i < D/2.
 std::vector<float> rope_inv_freq(const LlamaArch& arch);
 

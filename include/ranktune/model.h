@@ -33,8 +33,7 @@ class GradLedger {
   // (1, or 2 for a tied embedding trained through both the lookup and the LM head), belonging to
   // one reduction bucket.
   int add_slot(const std::string& name, int writes_per_micro, int bucket);
-  int n_buckets() const { return n_buckets_; }  // ids 0..n-1; an id no slot names is never reported
-  bool bucket_used(int bucket) const;
+  int n_buckets() const { return n_buckets_; }
 
   void begin_step(int n_micro);
   void begin_micro(int micro);
@@ -45,7 +44,7 @@ class GradLedger {
   void write(std::initializer_list<int> slots, const std::function<void(float beta)>& fn);
   void write(const std::vector<int>& slots, const std::function<void(float beta)>& fn);
   void end_micro();  // every slot written exactly writes_per_micro times
-  void end_step();   // every bucket with slots reported exactly once
+  void end_step();   // every bucket reported exactly once
 
   std::function<void(int bucket)> on_bucket_ready;
   int64_t writes(int slot) const { return slots_[static_cast<size_t>(slot)].total_writes; }
