@@ -294,6 +294,19 @@ TEST(Model, EverySlotWrittenOncePerMicroBatchAndEveryBucketReducedOncePerStep) {
   }
 }
 
+// A bucket whose slots were not all written in the step's last micro-batch was never reported for
+// reduction: caught at the end of the step.
+TEST(LedgerDeathTest, UnreportedBucketIsCaught) {
+  GradLedger ledger;
+  ledger.add_slot("w", 1, 0);
+  ledger.add_slot("v", 2, 1);
+  ledger.begin_step(1);
+  ledger.begin_micro(0);
+  ledger.write({0}, [](float) {});
+  ledger.write({1}, [](float) {});
+  EXPECT_DEATH(ledger.end_step(), "bucket 1 was not reduced exactly once");
+}
+
 TEST(LedgerDeathTest, WritingASlotTwiceAborts) {
   GradLedger ledger;
   const int s = ledger.add_slot("w", 1, 0);
