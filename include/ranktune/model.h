@@ -7,7 +7,8 @@
 // tensor. Trainable tensors own exactly one gradient slot each; the GradLedger hands out the
 // writes and checks, every micro-batch, that each slot was written exactly as often as declared
 // and, every step, that each gradient bucket became ready for reduction exactly once. Activation
-// checkpointing keeps each layer's input only and recomputes the layer in backward; recompute never
+// checkpointing keeps each layer's input only and recomputes the layer in backward (keep_attention:
+// keeps the attention block's outputs too and recomputes the norms and MLP); recompute never
 // touches a gradient slot, so it cannot mark a gradient ready twice.
 //
 // Generation keeps each layer's rotated keys and values in a KV cache: prefill() runs the prompt
