@@ -84,6 +84,11 @@ class Workloads(unittest.TestCase):
         self.assertEqual(cmd[-2:], ["--ranks", "2"])
         self.assertIn("ZeRO-1", benchmark.WORKLOADS["e-c"][0])
         self.assertIn("--nproc_per_node=2", cmds[("e-c", "hf")][0])
+        # the scaling's denominator: (a) and (c) alone on GPU 1 too
+        cmd, env = cmds[("a", "ranktune-gpu1")]
+        self.assertEqual(cmd[:4], ["/b/ranktune_bench_step", "lora", "--gc", "1"])
+        self.assertEqual(env, {"CUDA_VISIBLE_DEVICES": "1"})
+        self.assertEqual(cmds[("c", "ranktune-gpu1")][0][1:4], ["full", "--gc", "3"])
         self.assertEqual(notes, [])
         self.assertFalse(any(p == "ranktune-profile" for _, p, _, _ in runs))
 
@@ -132,6 +137,10 @@ class Targets(unittest.TestCase):
         self.assertEqual(benchmark.evaluate("e-a", rt("lora", 100000, 82, 3.8, gpus=2), None, base, 750),
                          "no (scaling 92.7%)")
         self.assertEqual(benchmark.evaluate("e-c", rt("full", 1, 1, 1, gpus=2), None, base, 750), "n/a (needs (c))")
+        # with (a) measured alone on GPU 1 as well, against the sum of the two: 105000 / (53936 + 55000)
+        base["a@gpu1"] = rt("lora", 55000, 74.5, 3.8)
+        self.assertEqual(benchmark.evaluate("e-a", rt("lora", 105000, 78, 3.8, gpus=2), None, base, 750),
+                         "no (scaling 96.4% of 53,936 + 55,000 alone)")
 
     def test_mfu_counts_gpus(self):
         self.assertAlmostEqual(benchmark.mfu(rt("full", 100000, 1, 1, gpus=2, fpt=7.5e9), 750), 0.5)
