@@ -373,12 +373,12 @@ void LlamaModel::build_params() {
   const int64_t r = opt_.lora_r;
   for (int l = 0; l < a.n_layers; ++l) {
     for (int g = 0; g < kFusedProjections; ++g) {
-      for (const char* matrix : {"A", "B"}) {
+      for (const bool a_matrices : {true, false}) {
         for (const std::string& m : lora_module_names()) {
           if (fused_projection(m) != g || !targets(opt_, m)) continue;
           const auto [out, in] = projection_shape(a, m);
           const std::string p = module_prefix(l, m);
-          if (std::string(matrix) == "A") {
+          if (a_matrices) {
             lora_.specs.push_back({p + ".lora_A.weight", {r, in}, offset, r * in, l, false});
             offset += r * in;
           } else {

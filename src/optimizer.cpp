@@ -118,7 +118,7 @@ Tensor Optimizer::master_view(const ParamSpec& p) const {
   return master_.empty() ? params_.master_view(p) : master_.flat_slice(p.offset - mine_.begin, p.numel);
 }
 
-double Optimizer::reduce_and_norm() {
+double Optimizer::global_grad_norm() {
   if (!zero_) return std::sqrt(be_.sum_squares(params_.grad));
   // The GradReducer has reduced every piece of this shard to this rank during backward.
   const int64_t n = mine_.end - mine_.begin;

@@ -550,7 +550,7 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
     reducer.finish(step + 1);
     double loss = step_tokens > 0 ? comm->sum(loss_sum, "the loss of step " + std::to_string(step + 1)) / step_tokens : 0.0;
     if (step + 1 == fault_nan_step) loss = std::numeric_limits<double>::quiet_NaN();
-    const double grad_norm = opt.reduce_and_norm();
+    const double grad_norm = opt.global_grad_norm();
     const double lr = learning_rate_at(step, total_steps, warmup, tc.learning_rate, tc.lr_scheduler_type);
     const bool finite = std::isfinite(loss) && std::isfinite(grad_norm);
     // A skipped step leaves no trace: the next step's first micro-batch overwrites every gradient

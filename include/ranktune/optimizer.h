@@ -49,7 +49,7 @@ class Optimizer {
   // norm is local; under ZeRO-1 each rank holds the sum of its own shard only (the GradReducer
   // built with shard_offsets()), so the norm is this shard's sum of squares summed over ranks on
   // the host (collective: every rank calls it).
-  double reduce_and_norm();
+  double global_grad_norm();
   // One update with the given learning rate; gradients are multiplied by grad_scale first
   // (clipping). Under ZeRO-1 (collective) each rank updates its shard and every updated tensor's
   // compute copy goes from its owner to every rank, broadcast by broadcast as the updates go on;
