@@ -291,6 +291,17 @@ class MpiCommunicator final : public Communicator {
     pending_.clear();
   }
 
+  int mark() override { return static_cast<int>(pending_.size()); }
+
+  void compute_waits_for(int mark, const std::string& what) override {
+    if (world_ == 1 || mark == 0) return;
+    RT_ASSERT(mark <= static_cast<int>(pending_.size()), "compute_waits_for: a mark since the last finish_started()");
+    std::vector<MPI_Request> first(pending_.begin(), pending_.begin() + mark);
+    watchdog_.enter(what);
+    wait_mpi(first);
+    std::copy(first.begin(), first.end(), pending_.begin());  // MPI_REQUEST_NULL once done
+  }
+
  private:
   static void check(const Tensor& x, const char* op) {
     RT_ASSERT(x.device == Device::cpu && x.dtype == DType::f32 && x.contiguous(),

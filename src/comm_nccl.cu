@@ -58,6 +58,7 @@ class NcclCommunicator final : public Communicator {
     if (comm_stream_) (void)cudaStreamSynchronize(comm_stream_);
     if (nccl_) (void)ncclCommDestroy(nccl_);
     for (cudaEvent_t e : ready_) (void)cudaEventDestroy(e);
+    for (cudaEvent_t e : marks_) (void)cudaEventDestroy(e);
     if (done_) (void)cudaEventDestroy(done_);
     if (comm_stream_) (void)cudaStreamDestroy(comm_stream_);
   }
@@ -111,6 +112,25 @@ class NcclCommunicator final : public Communicator {
     wait_comm(what);
     pending_ = false;
     n_ready_used_ = 0;
+    n_marks_used_ = 0;
+  }
+
+  int mark() override {
+    if (world_ == 1) return 0;
+    if (n_marks_used_ == marks_.size()) {
+      cudaEvent_t e = nullptr;
+      cudaCheck(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      marks_.push_back(e);
+    }
+    cudaCheck(cudaEventRecord(marks_[n_marks_used_], comm_stream_));
+    return static_cast<int>(n_marks_used_++);
+  }
+
+  void compute_waits_for(int mark, const std::string&) override {
+    if (world_ == 1) return;
+    RT_ASSERT(mark >= 0 && static_cast<size_t>(mark) < n_marks_used_,
+              "compute_waits_for: a mark since the last finish_started()");
+    cudaCheck(cudaStreamWaitEvent(compute_, marks_[static_cast<size_t>(mark)], 0));
   }
 
  private:
@@ -161,6 +181,8 @@ class NcclCommunicator final : public Communicator {
   cudaEvent_t done_ = nullptr;
   std::vector<cudaEvent_t> ready_;
   size_t n_ready_used_ = 0;
+  std::vector<cudaEvent_t> marks_;  // mark(): recorded on the communication stream
+  size_t n_marks_used_ = 0;
   ncclComm_t nccl_ = nullptr;
   bool pending_ = false;
 };

@@ -931,9 +931,13 @@ void LlamaModel::attend(int l, Tensor att, Tensor lse, Tensor q, Tensor k, Tenso
 void LlamaModel::forward(const ModelInputs& in, bool training, uint64_t dropout_seed) {
   training_ = training;  // LoRA dropout only while training (also in its recompute), never in eval
   upload_inputs(in);
+  const int last = static_cast<int>(opt_.arch.n_layers) - 1;
+  const auto weights = [&](int layer) {
+    if (before_forward_weights) before_forward_weights(layer);
+  };
+  weights(-1);
   be_.embedding_forward(layer_inputs_[0].row_slice(0, N_), tokens_.flat_slice(0, N_),
                         base_weight(-1, "model.embed_tokens.weight"));
-  const int last = static_cast<int>(opt_.arch.n_layers) - 1;
   const bool offload = training && !host_inputs_.empty();
   for (int l = 0; l <= last; ++l) {
     // A stage starts when the previous one has written its first layer's input.
@@ -946,8 +950,10 @@ void LlamaModel::forward(const ModelInputs& in, bool training, uint64_t dropout_
                                  layer_inputs_[static_cast<size_t>(l)].row_slice(0, N_));
       if (l >= 1 && l < last) be_.wait_copy(to_host_ticket_[static_cast<size_t>(l - 1)]);
     }
+    weights(l);
     layer_forward(l, /*recompute=*/false, dropout_seed);
   }
+  weights(last + 1);
   slot_holds_[last % 2] = last;
   slot_holds_[(last + 1) % 2] = last >= 1 ? last - 1 : -1;
   be_.wait_for(be(last));  // the head reads the last stage's output

@@ -9,6 +9,10 @@
 
 namespace ranktune {
 
+namespace {
+constexpr int64_t kGatherRounds = 8;  // ZeRO-1: rounds of the weight all-gather per step
+}  // namespace
+
 double learning_rate_at(int64_t step, int64_t total_steps, int64_t warmup_steps, double peak,
                         const std::string& schedule) {
   // `step` counts from 0 for the first update, as HF's LambdaLR does.
@@ -80,6 +84,26 @@ Optimizer::Optimizer(Backend& backend, ParamGroup& params, const TrainingSection
     master_ = master_buf_.as(DType::f32, {n});
     if (n > 0) be_.copy(master_, params.compute.flat_slice(mine_.begin, n));
   }
+  if (!zero_) return;
+  // Which round of the all-gather each forward wait needs (wait_for_weights): the last round, on
+  // any shard, that holds one of its tensors. Tensors of no layer are the embedding when they come
+  // before the layers' (read first), else the final norm and head (read last).
+  int n_layers = 0;
+  int64_t layers_begin = params.numel;
+  for (const ParamSpec& p : specs)
+    if (p.layer >= 0) n_layers = std::max(n_layers, p.layer + 1), layers_begin = std::min(layers_begin, p.offset);
+  key_round_.assign(static_cast<size_t>(n_layers) + 2, -1);
+  for (const Shard& s : shards_)
+    for (int64_t j = 0; j < kGatherRounds; ++j) {
+      const int64_t lo = round_cut(s, j), hi = round_cut(s, j + 1);
+      for (size_t i = s.first; i < s.last; ++i) {
+        const ParamSpec& p = specs[i];
+        if (p.offset >= hi || p.offset + p.numel <= lo) continue;
+        const int key = p.layer >= 0 ? p.layer : (p.offset < layers_begin ? -1 : n_layers);
+        int& round = key_round_[static_cast<size_t>(key + 1)];
+        round = std::max(round, static_cast<int>(j));
+      }
+    }
 }
 
 std::vector<size_t> zero_shard_cuts(const std::vector<int64_t>& tensor_sizes, int world) {
@@ -114,6 +138,19 @@ Optimizer::Shard Optimizer::shard_of(size_t first, size_t last) const {
   return s;
 }
 
+bool Optimizer::merged_runs() const { return kind_ != "adamw_8bit" && params_.stage_views.empty(); }
+
+// Round j of the all-gather covers elements [round_cut(s, j), round_cut(s, j + 1)) of shard s: the
+// j-th fraction of its elements, cut anywhere when fp32 AdamW updates merged runs, else at the next
+// tensor start (adamw_8bit's blocks start where its tensors start).
+int64_t Optimizer::round_cut(const Shard& s, int64_t round) const {
+  const int64_t at = s.begin + (s.end - s.begin) * round / kGatherRounds;
+  if (merged_runs() || round == kGatherRounds) return at;
+  for (size_t i = s.first; i < s.last; ++i)
+    if (params_.specs[i].offset >= at) return params_.specs[i].offset;
+  return s.end;
+}
+
 Tensor Optimizer::master_view(const ParamSpec& p) const {
   return master_.empty() ? params_.master_view(p) : master_.flat_slice(p.offset - mine_.begin, p.numel);
 }
@@ -127,6 +164,7 @@ double Optimizer::global_grad_norm() {
 }
 
 void Optimizer::step(double lr, float grad_scale) {
+  finish_gather();  // the previous step's, when no forward has waited for it
   ++step_;
   AdamWParams hp;
   hp.lr = static_cast<float>(lr);
@@ -149,7 +187,7 @@ void Optimizer::step(double lr, float grad_scale) {
                    m_.flat_slice(at, n), v_.flat_slice(at, n), hp);
     run_begin = run_end;
   };
-  const bool merge = kind_ != "adamw_8bit" && params_.stage_views.empty();
+  const bool merge = merged_runs();
   int64_t q_offset = 0, block_offset = 0;  // adamw_8bit: this shard's codes and blocks so far
   // Updates elements [lo, hi) of tensor p: any part of it when runs merge (fp32 AdamW is
   // elementwise), else the whole tensor (adamw_8bit's blocks start where its tensors start).
@@ -190,34 +228,43 @@ void Optimizer::step(double lr, float grad_scale) {
     update_range(mine_.begin, mine_.end);
     return;
   }
-  // The all-gather of the compute copies, pipelined with the updates in kGatherRounds rounds (the
-  // last round's broadcast is what stays exposed). Round j of a shard is the j-th fraction of its
-  // elements -- cut anywhere for fp32 AdamW, at the next tensor start for adamw_8bit -- so every
-  // round of every shard is about the same size and each rank's broadcast of a round is one
+  // The all-gather of the compute copies, pipelined with the updates in kGatherRounds rounds of
+  // about equal size on every shard (round_cut), so each rank's broadcast of a round is one
   // contiguous range, sent while the other ranks send theirs. (Rounds of whole tensors by their
   // start put the 262M-element embedding in one round: its broadcast outlasted the rest of the
-  // updates, 3.5 ms per step exposed on 2 H200s.) Round j updates this rank's part, then
-  // broadcasts every shard's part from its owner as one batch (one NCCL group); every rank forms
-  // the same batches in the same order, and on the GPU a batch waits, on the communication stream,
-  // for the updates queued before it, so it runs while the compute stream updates the next round.
-  constexpr int64_t kGatherRounds = 8;
-  const auto cut = [&](const Shard& s, int64_t j) {
-    const int64_t at = s.begin + (s.end - s.begin) * j / kGatherRounds;
-    if (merge || j == kGatherRounds) return at;
-    for (size_t i = s.first; i < s.last; ++i)
-      if (params_.specs[i].offset >= at) return params_.specs[i].offset;
-    return s.end;
-  };
+  // updates, 1.8 ms per step more on 2 H200s.) Round j updates this rank's part, then broadcasts
+  // every shard's part from its owner as one batch (one NCCL group); every rank forms the same
+  // batches in the same order, and on the GPU a batch waits, on the communication stream, for the
+  // updates queued before it, so it runs while the compute stream updates the next round. The
+  // last rounds run on into the next forward, which waits layer by layer (wait_for_weights).
+  round_marks_.clear();
   for (int64_t j = 0; j < kGatherRounds; ++j) {
-    update_range(cut(mine_, j), cut(mine_, j + 1));
+    update_range(round_cut(mine_, j), round_cut(mine_, j + 1));
     std::vector<Communicator::Broadcast> batch;
     for (size_t r = 0; r < shards_.size(); ++r) {
-      const int64_t lo = cut(shards_[r], j), hi = cut(shards_[r], j + 1);
+      const int64_t lo = round_cut(shards_[r], j), hi = round_cut(shards_[r], j + 1);
       if (lo < hi) batch.push_back({params_.compute.flat_slice(lo, hi - lo), static_cast<int>(r)});
     }
     zero_->start_broadcasts(batch);
+    round_marks_.push_back(zero_->mark());
   }
+  gather_pending_ = true;
+}
+
+void Optimizer::wait_for_weights(int layer) {
+  if (!gather_pending_) return;
+  RT_ASSERT(layer >= -1 && static_cast<size_t>(layer + 1) < key_round_.size(), "wait_for_weights: a layer, -1 or L");
+  const int round = key_round_[static_cast<size_t>(layer + 1)];
+  if (round >= 0)
+    zero_->compute_waits_for(round_marks_[static_cast<size_t>(round)],
+                             "the weight all-gather of step " + std::to_string(step_));
+  if (static_cast<size_t>(layer + 2) == key_round_.size()) finish_gather();
+}
+
+void Optimizer::finish_gather() {
+  if (!gather_pending_) return;
   zero_->finish_started("the weight all-gather of step " + std::to_string(step_));
+  gather_pending_ = false;
 }
 
 OptimizerState Optimizer::local_state() const {
@@ -265,6 +312,7 @@ std::vector<T> gather_parts(const std::vector<T>& mine, const std::vector<int64_
 
 void Optimizer::gather_for_checkpoint() {
   if (!zero_) return;
+  finish_gather();
   const OptimizerState local = local_state();
   std::vector<int64_t> elements, codes, blocks;
   for (const Shard& s : shards_) {

@@ -377,6 +377,7 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
   GradReducer reducer(*comm, params, static_cast<int>(s.arch.n_layers), zero ? &opt.shard_offsets() : nullptr);
   reducer.exchange_embedding_rows(model);  // full fine-tuning of a tied embedding (see model.h)
   model.ledger().on_bucket_ready = [&](int bucket) { reducer.reduce_bucket(bucket); };
+  model.before_forward_weights = [&](int layer) { opt.wait_for_weights(layer); };  // ZeRO-1's all-gather
 
   // A checkpoint holds the fp32 masters and the optimizer's states; there must be room for two
   // (the new one is complete before the oldest goes).

@@ -4,9 +4,12 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <algorithm>
 #include <numeric>
+#include <tuple>
 #include <vector>
 
+#include "ranktune/backend.h"
 #include "ranktune/comm.h"
 #include "ranktune/optimizer.h"
 
@@ -144,4 +147,115 @@ TEST(MpiComm, GradReducerSumsEachShardOnItsOwner) {
     for (int r = 0; r < world; ++r) sum += value(r, i);
     EXPECT_EQ(grad[static_cast<size_t>(i)], sum) << i;
   }
+}
+
+// ZeRO-1's weight all-gather runs on into the next forward, which waits layer by layer
+// (Optimizer::wait_for_weights). A communicator that records what the optimizer asks of it: for
+// every layer, the wait must cover each round whose broadcasts hold any of the layer's tensors,
+// and the head's wait (layer L) must also finish the gather on the host. The updated weights must
+// match an unsharded optimizer's on every rank.
+namespace {
+
+class RecordingCommunicator final : public Communicator {
+ public:
+  explicit RecordingCommunicator(Communicator& inner) : Communicator(MPI_COMM_WORLD, 60), inner_(inner) {}
+  std::string name() const override { return inner_.name(); }
+  void start_sum(Tensor x) override { inner_.start_sum(x); }
+  void start_reduce(Tensor x, int root) override { inner_.start_reduce(x, root); }
+  void start_broadcasts(const std::vector<Broadcast>& batch) override {
+    std::vector<std::pair<const void*, int64_t>> ranges;
+    for (const Broadcast& b : batch) ranges.push_back({b.x.data, b.x.numel()});
+    batches.push_back(ranges);
+    inner_.start_broadcasts(batch);
+  }
+  void finish_started(const std::string& what) override {
+    ++finished;
+    inner_.finish_started(what);
+  }
+  int mark() override {
+    const int m = inner_.mark();
+    marks.push_back({m, batches.size()});  // the mark, and how many batches were started before it
+    return m;
+  }
+  void compute_waits_for(int mark, const std::string& what) override {
+    waited.push_back(mark);
+    inner_.compute_waits_for(mark, what);
+  }
+
+  std::vector<std::vector<std::pair<const void*, int64_t>>> batches;
+  std::vector<std::pair<int, size_t>> marks;
+  std::vector<int> waited;
+  int finished = 0;
+
+ private:
+  Communicator& inner_;
+};
+
+}  // namespace
+
+TEST(MpiComm, ZeroGatherIsWaitedForLayerByLayer) {
+  int world = 0;
+  const int rank = world_rank(&world);
+  auto mpi = make_mpi_communicator(60);
+  RecordingCommunicator comm(*mpi);
+  auto be = make_cpu_backend();
+  // An embedding, three layers of a norm and two matrices, a final norm: sizes that put round cuts
+  // inside tensors.
+  std::vector<std::tuple<int64_t, int, bool>> tensors{{20, -1, false}};
+  for (int l = 0; l < 3; ++l) tensors.insert(tensors.end(), {{3, l, true}, {11, l, false}, {7, l, false}});
+  tensors.push_back({3, -1, true});
+  ParamGroup sharded, whole;
+  for (ParamGroup* g : {&sharded, &whole})
+    for (const auto& [numel, layer, norm] : tensors) {
+      g->specs.push_back({"t" + std::to_string(g->specs.size()), {numel}, g->numel, numel, layer, norm});
+      g->numel += numel;
+    }
+  const ParamGroup& params = sharded;
+  std::vector<float> weights(static_cast<size_t>(params.numel)), grad(weights.size());
+  for (size_t i = 0; i < weights.size(); ++i) {
+    weights[i] = 0.01f * static_cast<float>(i % 17) - 0.05f;
+    grad[i] = 0.003f * static_cast<float>(i % 5) - 0.004f;
+  }
+  std::vector<float> reference = weights, ref_grad = grad;
+  sharded.compute = sharded.master = host(weights);  // the CPU path: the master is the compute copy
+  sharded.grad = host(grad);
+  whole.compute = whole.master = host(reference);
+  whole.grad = host(ref_grad);
+  TrainingSection tc;
+  tc.optim = "adamw";
+  tc.weight_decay = 0.1;
+  Optimizer zero(*be, sharded, tc, &comm), plain(*be, whole, tc, nullptr);
+  zero.step(1e-2, 1.f);
+  plain.step(1e-2, 1.f);
+  ASSERT_FALSE(comm.batches.empty());
+  EXPECT_EQ(comm.finished, 0) << "step() returns with the gather in flight";
+  const auto overlaps = [&](const std::pair<const void*, int64_t>& range, int layer_key) {
+    const float* lo = static_cast<const float*>(range.first);
+    for (const ParamSpec& p : params.specs) {
+      const int key = p.layer >= 0 ? p.layer : (p.offset == 0 ? -1 : 3);
+      const float* a = weights.data() + p.offset;
+      if (key == layer_key && a < lo + range.second && lo < a + p.numel) return true;
+    }
+    return false;
+  };
+  int most = -1;
+  for (int layer = -1; layer <= 3; ++layer) {
+    const size_t before = comm.waited.size();
+    zero.wait_for_weights(layer);
+    int waited = -1;
+    if (comm.waited.size() > before) waited = comm.waited.back();
+    // Batches started before the waited mark are covered.
+    size_t covered = 0;
+    for (const auto& [m, n_batches] : comm.marks)
+      if (m == waited) covered = n_batches;
+    for (size_t b = 0; b < comm.batches.size(); ++b)
+      for (const auto& range : comm.batches[b])
+        if (overlaps(range, layer)) EXPECT_LT(b, covered) << "layer " << layer << " reads round " << b << " unwaited";
+    most = std::max(most, waited);
+  }
+  EXPECT_EQ(comm.finished, 1) << "the head's wait finishes the gather on the host";
+  EXPECT_LT(comm.waited.front(), most) << "the embedding's wait is not the whole gather";
+  for (size_t i = 0; i < weights.size(); ++i) EXPECT_FLOAT_EQ(weights[i], reference[i]) << i;
+  zero.wait_for_weights(0);  // nothing in flight: a no-op
+  EXPECT_EQ(comm.finished, 1);
 }

@@ -303,6 +303,7 @@ int run_training(const Args& args) {
                       args.zero ? &opt.shard_offsets() : nullptr);
   reducer.exchange_embedding_rows(model);  // as the trainer: the tied embedding's lookup rows
   model.ledger().on_bucket_ready = [&](int bucket) { reducer.reduce_bucket(bucket); };
+  model.before_forward_weights = [&](int layer) { opt.wait_for_weights(layer); };  // as the trainer
   int64_t step_no = 0;
   std::vector<int32_t> tokens(static_cast<size_t>(B * T)), targets(tokens.size()), positions(tokens.size());
   uint64_t state = 1234;
@@ -324,6 +325,7 @@ int run_training(const Args& args) {
     opt.step(2e-4, 1.0f);
   };
   for (int i = 0; i < args.warmup; ++i) step();
+  opt.finish_gather();
   be.synchronize();
   if (prof) prof->set_recording(true);
   const auto t0 = std::chrono::steady_clock::now();
@@ -331,6 +333,7 @@ int run_training(const Args& args) {
     step();
     if (prof) prof->end_step();
   }
+  opt.finish_gather();  // ZeRO-1: the last step's all-gather counts
   be.synchronize();
   const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   BENCH_CUDA_CHECK(cudaMemGetInfo(&free_end, &total));

@@ -89,6 +89,14 @@ class Communicator {
   // Waits until every started collective is done and visible to the backend's later work. `what`
   // names the batch for the watchdog's messages.
   virtual void finish_started(const std::string& what) = 0;
+  // A point in the order of started collectives, for compute_waits_for(): valid until the next
+  // finish_started().
+  virtual int mark() = 0;
+  // The backend's later work waits until every collective started before `mark` is done (ZeRO-1:
+  // the next forward waits for the part of the weight all-gather that holds a layer). On the GPU
+  // the compute stream waits and the host goes on; the host itself watches them in the next
+  // finish_started(). MPI: the host waits for them, under the watchdog.
+  virtual void compute_waits_for(int mark, const std::string& what) = 0;
 
   // ---- host values: every rank calls these in the same order
   // ---------------------------------

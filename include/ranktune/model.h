@@ -153,6 +153,11 @@ class LlamaModel {
   // The group the optimizer updates: the LoRA adapters, or the base model in full fine-tuning.
   ParamGroup& trainable() { return opt_.train_base ? base_ : lora_; }
   GradLedger& ledger() { return ledger_; }
+  // Called by the forward as it reaches weights: layer -1 the embedding, before the first layer;
+  // 0..L-1 each layer's; L the final norm and head, after the last layer. Under ZeRO-1 the trainer
+  // sets it to Optimizer::wait_for_weights, so a forward waits for the previous step's weight
+  // all-gather layer by layer. Unset: nothing.
+  std::function<void(int layer)> before_forward_weights;
 
   // Data-parallel full fine-tuning of a tied embedding (ModelOptions.data_parallel_ranks > 1). The
   // embedding's gradient has two parts: the LM head's, dense and final right after the head, and

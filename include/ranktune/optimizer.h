@@ -51,10 +51,20 @@ class Optimizer {
   // the host (collective: every rank calls it).
   double global_grad_norm();
   // One update with the given learning rate; gradients are multiplied by grad_scale first
-  // (clipping). Under ZeRO-1 (collective) each rank updates its shard and every updated tensor's
-  // compute copy goes from its owner to every rank, broadcast by broadcast as the updates go on;
-  // step() returns once all of them are finished.
+  // (clipping). Under ZeRO-1 (collective) each rank updates its shard and the updated compute
+  // copies go from their owners to every rank in rounds, as the updates go on. step() returns with
+  // the last rounds of that all-gather still running: the next forward waits for each layer's
+  // round only (wait_for_weights), so the gather's tail overlaps it.
   void step(double lr, float grad_scale);
+  // Under ZeRO-1, after step(): the backend's later work waits for the all-gather rounds that hold
+  // the weights the forward reads next: layer -1 the embedding (before the first layer), 0..L-1 a
+  // layer's, L the final norm and head. At L the host also waits for the whole gather, watched by
+  // the communicator's watchdog, so a rank lost mid-gather is reported rather than hanging the
+  // loss read. LlamaModel::before_forward_weights calls it. A no-op with no gather in flight.
+  void wait_for_weights(int layer);
+  // Waits (host) for the all-gather in flight, if any: before anything reads the weights other than
+  // the forward (checkpoints do, through gather_for_checkpoint). Collective under ZeRO-1.
+  void finish_gather();
   // The element offsets of the shards in the flat gradient buffer, world + 1 of them (shard r is
   // [offsets[r], offsets[r+1])); {0, numel} without ZeRO.
   const std::vector<int64_t>& shard_offsets() const { return offsets_; }
@@ -83,6 +93,8 @@ class Optimizer {
     int64_t b_begin = 0, b_end = 0;  // 8-bit blocks
   };
   Shard shard_of(size_t first, size_t last) const;
+  int64_t round_cut(const Shard& s, int64_t round) const;
+  bool merged_runs() const;
   Tensor master_view(const ParamSpec& p) const;
   OptimizerState local_state() const;
 
@@ -98,6 +110,9 @@ class Optimizer {
   std::string kind_;
   float beta1_, beta2_, eps_, weight_decay_;
   Communicator* zero_ = nullptr;
+  std::vector<int> key_round_;    // ZeRO-1, per wait_for_weights layer + 1: the last round holding its weights
+  std::vector<int> round_marks_;  // the communicator's mark after each round of the gather in flight
+  bool gather_pending_ = false;
   int64_t step_ = 0;
   Buffer m_buf_, v_buf_, m_absmax_buf_, v_absmax_buf_;
   Tensor m_, v_, m_absmax_, v_absmax_;
