@@ -33,8 +33,9 @@ struct OptimizerState {
 // rank receives the sum of its shard; each rank updates its shard in rounds (equal fractions of its
 // elements), and each round's updated compute copies of every shard are broadcast from their owners
 // as one batch while the next round updates, so the all-gather of the weights overlaps the updates;
-// its last rounds overlap the next forward, which waits for them layer by layer. Checkpoints hold the whole state, gathered to rank 0, in the same layout as without
-// ZeRO, so a run may resume with or without it and on any number of ranks.
+// its last rounds overlap the next forward, which waits for them layer by layer. Checkpoints hold
+// the whole state, gathered to rank 0, in the same layout as without ZeRO, so a run may resume with
+// or without it and on any number of ranks.
 // ZeRO-1's shards of tensors of these sizes (in order) over `world` ranks: the index of each
 // shard's first tensor, world + 1 of them; each cut is at the tensor boundary nearest to r/world of
 // all elements.
