@@ -178,9 +178,9 @@ void Communicator::barrier(const std::string& what) {
 
 // ---- data-parallel gradient reduction ----------------------------------------------------------
 
-GradReducer::GradReducer(Communicator& comm, ParamGroup& params, int n_layers,
+GradReducer::GradReducer(Communicator& comm, ParamGroup& params, int n_layers, int64_t cap_bytes,
                          const std::vector<int64_t>* shard_offsets)
-    : comm_(comm), grad_(params.grad), sharded_(shard_offsets != nullptr) {
+    : comm_(comm), grad_(params.grad), sharded_(shard_offsets != nullptr), cap_bytes_(cap_bytes) {
   std::vector<std::vector<std::pair<int64_t, int64_t>>> runs(static_cast<size_t>(n_layers + 1));
   for (const ParamSpec& p : params.specs) {
     auto& r = runs[static_cast<size_t>(p.layer >= 0 ? p.layer : n_layers)];
@@ -206,6 +206,7 @@ GradReducer::GradReducer(Communicator& comm, ParamGroup& params, int n_layers,
         if (begin < end) pieces_[b].push_back({begin, end - begin, r});
       }
     }
+    if (!pieces_[b].empty()) ++buckets_with_pieces_;
   }
 }
 
@@ -226,15 +227,44 @@ void GradReducer::reduce_bucket(int bucket) {
     rows_started_ = true;
     return;
   }
-  for (const Piece& p : pieces_[static_cast<size_t>(bucket)]) {
+  const std::vector<Piece>& pieces = pieces_[static_cast<size_t>(bucket)];
+  if (pieces.empty()) return;
+  for (const Piece& p : pieces) {
+    held_.push_back(p);
+    held_bytes_ += p.numel * static_cast<int64_t>(sizeof(float));
+  }
+  ++reported_;
+  if (held_bytes_ >= cap_bytes_ || reported_ == buckets_with_pieces_) start_held();
+}
+
+// The held buckets as one group: runs that are adjacent in the gradient buffer and go to the same
+// rank become one collective.
+void GradReducer::start_held() {
+  std::sort(held_.begin(), held_.end(), [](const Piece& a, const Piece& b) { return a.offset < b.offset; });
+  std::vector<Piece> merged;
+  for (const Piece& p : held_) {
+    if (!merged.empty() && merged.back().offset + merged.back().numel == p.offset && merged.back().owner == p.owner)
+      merged.back().numel += p.numel;
+    else
+      merged.push_back(p);
+  }
+  for (const Piece& p : merged) {
     if (p.owner < 0)
       comm_.start_sum(grad_.flat_slice(p.offset, p.numel));
     else
       comm_.start_reduce(grad_.flat_slice(p.offset, p.numel), p.owner);
   }
+  started_ += static_cast<int>(merged.size());
+  held_.clear();
+  held_bytes_ = 0;
 }
 
 void GradReducer::finish(int64_t step) {
+  RT_ASSERT(held_.empty() && reported_ == buckets_with_pieces_,
+            "every gradient bucket is reported once per step before the reduction is finished");
+  reported_ = 0;
+  started_last_step_ = started_;
+  started_ = 0;
   comm_.finish_started(std::string(sharded_ ? "the gradient reduce to the shards' owners" : "the gradient all-reduce") +
                        " of step " + std::to_string(step));
   if (rows_started_) rows_model_->add_exchanged_embedding_rows();

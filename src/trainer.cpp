@@ -372,9 +372,12 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
   std::unique_ptr<Communicator> comm = make_communicator(*s.backend, cfg.distributed.timeout_s);
   const bool zero = zero_stage_1(cfg, li);
   Optimizer opt(*s.backend, params, tc, zero ? comm.get() : nullptr);
-  // Gradients are reduced bucket by bucket during backward: summed on every rank, or under ZeRO-1
-  // each piece only to the rank whose shard holds it (the optimizer's shard offsets).
-  GradReducer reducer(*comm, params, static_cast<int>(s.arch.n_layers), zero ? &opt.shard_offsets() : nullptr);
+  // Gradients are reduced in groups of buckets during backward: summed on every rank, or under
+  // ZeRO-1 each piece only to the rank whose shard holds it (the optimizer's shard offsets).
+  // ddp_bucket_cap_mb is in MiB, as torch's DDP reads bucket_cap_mb.
+  const auto cap_bytes = static_cast<int64_t>(cfg.distributed.ddp_bucket_cap_mb * 1024 * 1024);
+  GradReducer reducer(*comm, params, static_cast<int>(s.arch.n_layers), cap_bytes,
+                      zero ? &opt.shard_offsets() : nullptr);
   reducer.exchange_embedding_rows(model);  // full fine-tuning of a tied embedding (see model.h)
   model.ledger().on_bucket_ready = [&](int bucket) { reducer.reduce_bucket(bucket); };
   model.before_forward_weights = [&](int layer) { opt.wait_for_weights(layer); };  // ZeRO-1's all-gather

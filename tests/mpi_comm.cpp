@@ -135,7 +135,7 @@ TEST(MpiComm, GradReducerSumsEachShardOnItsOwner) {
   const std::vector<size_t> cuts = zero_shard_cuts(sizes, world);
   std::vector<int64_t> offsets;
   for (size_t c : cuts) offsets.push_back(c < params.specs.size() ? params.specs[c].offset : params.numel);
-  GradReducer reducer(*comm, params, 2, &offsets);
+  GradReducer reducer(*comm, params, 2, 0, &offsets);
   for (int bucket : {1, 0, 2}) reducer.reduce_bucket(bucket);
   reducer.finish(1);
   const int64_t begin = offsets[static_cast<size_t>(rank)], end = offsets[static_cast<size_t>(rank) + 1];
@@ -160,7 +160,10 @@ class RecordingCommunicator final : public Communicator {
  public:
   explicit RecordingCommunicator(Communicator& inner) : Communicator(MPI_COMM_WORLD, 60), inner_(inner) {}
   std::string name() const override { return inner_.name(); }
-  void start_sum(Tensor x) override { inner_.start_sum(x); }
+  void start_sum(Tensor x) override {
+    sums.push_back({x.data, x.numel()});
+    inner_.start_sum(x);
+  }
   void start_reduce(Tensor x, int root) override { inner_.start_reduce(x, root); }
   void start_broadcasts(const std::vector<Broadcast>& batch) override {
     std::vector<std::pair<const void*, int64_t>> ranges;
@@ -182,6 +185,7 @@ class RecordingCommunicator final : public Communicator {
     inner_.compute_waits_for(mark, what);
   }
 
+  std::vector<std::pair<const void*, int64_t>> sums;
   std::vector<std::vector<std::pair<const void*, int64_t>>> batches;
   std::vector<std::pair<int, size_t>> marks;
   std::vector<int> waited;
@@ -258,4 +262,52 @@ TEST(MpiComm, ZeroGatherIsWaitedForLayerByLayer) {
   for (size_t i = 0; i < weights.size(); ++i) EXPECT_FLOAT_EQ(weights[i], reference[i]) << i;
   zero.wait_for_weights(0);  // nothing in flight: a no-op
   EXPECT_EQ(comm.finished, 1);
+}
+
+// distributed.ddp_bucket_cap_mb: reported buckets are held until they reach the cap together (or
+// the last is reported), then summed as one group whose adjacent runs are one all-reduce. Four
+// layers of 3 elements (12 bytes each) between two global tensors with no gradient bucket of their
+// own here (the LoRA layout: layers only), reported in backward order over two steps.
+TEST(MpiComm, GradReducerGroupsBucketsUpToTheCap) {
+  int world = 0;
+  const int rank = world_rank(&world);
+  auto mpi = make_mpi_communicator(60);
+  ParamGroup params;
+  for (int layer = 0; layer < 4; ++layer) {
+    params.specs.push_back({"t" + std::to_string(layer), {3}, params.numel, 3, layer, false});
+    params.numel += 3;
+  }
+  const auto value = [](int r, int64_t i, int step) { return static_cast<float>((r + 1) * 10 + i * (r + 2) + step); };
+  struct Case {
+    int64_t cap_bytes;
+    std::vector<size_t> sums_after_report;  // all-reduces started after each of buckets 3, 2, 1, 0
+    std::vector<int64_t> sizes;             // their sizes, in start order
+  };
+  for (const Case& c : {Case{0, {1, 2, 3, 4}, {3, 3, 3, 3}}, Case{24, {0, 1, 1, 2}, {6, 6}},
+                        Case{25, {0, 0, 1, 2}, {9, 3}}, Case{int64_t{25} << 20, {0, 0, 0, 1}, {12}}}) {
+    RecordingCommunicator comm(*mpi);
+    std::vector<float> grad(static_cast<size_t>(params.numel));
+    params.grad = host(grad);
+    GradReducer reducer(comm, params, 4, c.cap_bytes);
+    for (int step = 0; step < 2; ++step) {
+      for (int64_t i = 0; i < params.numel; ++i) grad[static_cast<size_t>(i)] = value(rank, i, step);
+      comm.sums.clear();
+      for (int k = 0; k < 4; ++k) {
+        reducer.reduce_bucket(3 - k);
+        EXPECT_EQ(comm.sums.size(), c.sums_after_report[static_cast<size_t>(k)])
+            << "cap " << c.cap_bytes << " report " << k;
+      }
+      reducer.reduce_bucket(4);  // the global bucket: no tensors here
+      reducer.finish(step + 1);
+      EXPECT_EQ(reducer.collectives_last_step(), static_cast<int>(c.sizes.size()));
+      std::vector<int64_t> sizes;
+      for (const auto& [data, n] : comm.sums) sizes.push_back(n);
+      EXPECT_EQ(sizes, c.sizes) << "cap " << c.cap_bytes;
+      for (int64_t i = 0; i < params.numel; ++i) {
+        float sum = 0;
+        for (int r = 0; r < world; ++r) sum += value(r, i, step);
+        EXPECT_EQ(grad[static_cast<size_t>(i)], sum) << "cap " << c.cap_bytes << " element " << i;
+      }
+    }
+  }
 }

@@ -3,7 +3,8 @@
 // cuBLASLt path, the denominator of MFU. tools/benchmark.py runs it next to the HF peer.
 //
 // Usage: ranktune_bench_step MODE [--gc 0|1|2|3] [--steps N] [--warmup N] [--batch B] [--seq T]
-//                                 [--layers L] [--profile 0|1] [--ranks N] [--zero 0|1] [--iters N]
+//                                 [--layers L] [--profile 0|1] [--ranks N] [--zero 0|1]
+//                                 [--bucket-cap-mb N] [--iters N]
 //   MODE: lora   LoRA r=16 on all seven projections
 //         full   full fine-tuning
 //         qlora  LoRA over NF4 base weights (load_in_4bit)
@@ -16,6 +17,8 @@
 //   --zero 1     ZeRO-1 (full with --ranks > 1 only), as distributed.zero_stage: 1 trains: fp32
 //                masters and AdamW states sharded over the ranks, gradients reduced to their shard's
 //                owner during backward, updated weights broadcast from their owners
+//   --bucket-cap-mb N  gradient reductions grouped up to N MiB, as distributed.ddp_bucket_cap_mb
+//                (default 25; 0 = each layer alone)
 //
 // Output: exactly one JSON line on stdout, in the form tools/hf_peer_baseline.py prints for the HF
 // peer (peer, mode, gpus, batch_per_gpu, seq, layers, grad_ckpt, params_total, params_trainable,
@@ -54,6 +57,7 @@ constexpr const char* kUsage =
     "usage: ranktune_bench_step lora|full|qlora|gemm [--gc 0|1|2|3 (2 = offload, 3 = keep_attention)]\n"
     "                           [--steps N] [--warmup N] [--batch B]\n"
     "                           [--seq T] [--layers L] [--profile 0|1] [--ranks N] [--zero 0|1 (full, --ranks > 1)]\n"
+    "                           [--bucket-cap-mb N]\n"
     "                           [--iters N]\n";
 
 [[noreturn]] void usage_error(const std::string& msg) {
@@ -63,7 +67,7 @@ constexpr const char* kUsage =
 
 struct Args {
   std::string mode;
-  int gc = 1, steps = 10, warmup = 3, profile = 0, ranks = 1, zero = 0, iters = 50;
+  int gc = 1, steps = 10, warmup = 3, profile = 0, ranks = 1, zero = 0, iters = 50, bucket_cap_mb = 25;
   int64_t batch = 2, seq = 2048, layers = 16;
 };
 
@@ -99,12 +103,15 @@ Args parse_args(int argc, char** argv) {
       a.zero = static_cast<int>(v);
     else if (key == "--iters")
       a.iters = static_cast<int>(v);
+    else if (key == "--bucket-cap-mb")
+      a.bucket_cap_mb = static_cast<int>(v);
     else
       usage_error("unknown option '" + key + "'");
   }
   if (a.steps < 1 || a.warmup < 0 || a.batch < 1 || a.seq < 2 || a.layers < 1 || a.iters < 1 || a.ranks < 1)
     usage_error("--steps, --batch, --layers, --iters, --ranks must be >= 1, --seq >= 2, --warmup >= 0");
   if (a.zero != 0 && a.zero != 1) usage_error("--zero must be 0 or 1");
+  if (a.bucket_cap_mb < 0) usage_error("--bucket-cap-mb must be >= 0");
   if (a.gc < 0 || a.gc > 3) usage_error("--gc must be 0 (off), 1 (on), 2 (offload) or 3 (keep_attention)");
   if (a.zero == 1 && (a.mode != "full" || a.ranks < 2))
     usage_error("--zero 1 shards full fine-tuning over ranks: it needs MODE full and --ranks > 1");
@@ -299,7 +306,7 @@ int run_training(const Args& args) {
   // weights overlapped with its updates (src/optimizer.cpp).
   std::unique_ptr<Communicator> comm = make_communicator(be, 600);
   Optimizer opt(be, model.trainable(), tc, args.zero ? comm.get() : nullptr);
-  GradReducer reducer(*comm, model.trainable(), static_cast<int>(a.n_layers),
+  GradReducer reducer(*comm, model.trainable(), static_cast<int>(a.n_layers), int64_t{args.bucket_cap_mb} << 20,
                       args.zero ? &opt.shard_offsets() : nullptr);
   reducer.exchange_embedding_rows(model);  // as the trainer: the tied embedding's lookup rows
   model.ledger().on_bucket_ready = [&](int bucket) { reducer.reduce_bucket(bucket); };
@@ -360,6 +367,7 @@ int run_training(const Args& args) {
                       {"plan_mem_gib", static_cast<double>(plan_memory(o, plan).total) / (1 << 30)},
                       {"loss", loss},
                       {"zero", args.zero},
+                      {"bucket_cap_mb", args.bucket_cap_mb},
                       {"gpu", gpu_name()},
                       {"model_flops_per_token", fpt},
                       {"model_tflops_per_s", fpt * tokens_per_s / 1e12},

@@ -116,32 +116,45 @@ class Communicator {
 };
 
 // Data-parallel gradient reduction through a communicator: a bucket -- a layer's tensors, or the
-// embedding, final norm and head -- is reduced as soon as the model's ledger reports it ready
-// (during the last micro-batch's backward, in backward order), as the runs of adjacent tensors it
-// holds; finish() waits for every reduction before the gradients are read. Without shard offsets
+// embedding, final norm and head -- is reduced when the model's ledger reports it ready (during
+// the last micro-batch's backward, in backward order), as the runs of adjacent tensors it holds.
+// Reported buckets are held back until they reach cap_bytes together (distributed.ddp_bucket_cap_mb,
+// as DDP's bucket_cap_mb; 0: each bucket alone) or the last one is reported, and then reduced as
+// one group whose adjacent runs are merged: LoRA's layers are a few MB each, and a collective per
+// layer would pay its latency, and take SMs from backward's kernels, sixteen times.
+// finish() waits for every reduction before the gradients are read. Without shard offsets
 // each run is summed on every rank (all-reduce). Under ZeRO-1 (shard_offsets: the optimizer's
 // Optimizer::shard_offsets(), world + 1 element offsets of the shards in the flat gradient buffer)
 // each run is cut at the shard boundaries and each piece summed into its owner's buffer only, so
 // after finish() each rank holds the summed gradients of its own shard (the rest is undefined).
 class GradReducer {
  public:
-  GradReducer(Communicator& comm, ParamGroup& params, int n_layers,
+  GradReducer(Communicator& comm, ParamGroup& params, int n_layers, int64_t cap_bytes,
               const std::vector<int64_t>* shard_offsets = nullptr);
   // Also exchange the model's embedding rows (LlamaModel::EmbeddingRows) when their bucket is
   // reported, and add them to the gradient in finish(). A no-op for a model without the exchange.
   void exchange_embedding_rows(LlamaModel& model);
   void reduce_bucket(int bucket);
   void finish(int64_t step);
+  // Collectives started in the last step (merged runs): one per group of buckets and owner.
+  int collectives_last_step() const { return started_last_step_; }
 
  private:
   struct Piece {
     int64_t offset = 0, numel = 0;
     int owner = -1;  // the rank that receives the sum; -1: every rank (all-reduce)
   };
+  void start_held();
+
   Communicator& comm_;
   Tensor grad_;
   bool sharded_ = false;
+  int64_t cap_bytes_ = 0;
   std::vector<std::vector<Piece>> pieces_;  // per bucket
+  int buckets_with_pieces_ = 0;
+  std::vector<Piece> held_;  // reported, not started yet
+  int64_t held_bytes_ = 0;
+  int reported_ = 0, started_ = 0, started_last_step_ = 0;
   LlamaModel* rows_model_ = nullptr;        // exchanges its embedding rows
   bool rows_started_ = false;
 };
