@@ -131,7 +131,7 @@ const std::vector<Field>& schema() {
         // distributed
         RT_FIELD(distributed, timeout_s, Kind::number, "600", "a collective that takes longer aborts every rank", 1, 1e6, ),
         RT_FIELD(distributed, max_memory_per_gpu, Kind::string, "\"\"", "budget the memory plan must fit per GPU, e.g. 20GiB; empty = its free memory; when set, the CPU path checks it too", ),
-        RT_FIELD(distributed, ddp_bucket_cap_mb, Kind::number, "25", "gradients are reduced in backward in groups of layers of at least this many MiB (fp32), as DDP's bucket_cap_mb; 0 = each layer alone", 0, 1e6, ),
+        RT_FIELD(distributed, ddp_bucket_cap_mb, Kind::number, "64", "gradients are reduced in backward in groups of layers of at least this many MiB (fp32), as DDP's bucket_cap_mb; 0 = each layer alone", 0, 1e6, ),
         RT_FIELD(distributed, zero_stage, Kind::integer, "0", "1 = shard optimizer states and masters over ranks (full fine-tuning)", 0, 1, ),
         RT_FIELD(distributed, allow_shared_gpus, Kind::boolean, "false", "allow more ranks than GPUs on a node (ranks share GPUs)", ),
         // checkpoint

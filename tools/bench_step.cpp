@@ -18,7 +18,7 @@
 //                masters and AdamW states sharded over the ranks, gradients reduced to their shard's
 //                owner during backward, updated weights broadcast from their owners
 //   --bucket-cap-mb N  gradient reductions grouped up to N MiB, as distributed.ddp_bucket_cap_mb
-//                (default 25; 0 = each layer alone)
+//                (default 64; 0 = each layer alone)
 //
 // Output: exactly one JSON line on stdout, in the form tools/hf_peer_baseline.py prints for the HF
 // peer (peer, mode, gpus, batch_per_gpu, seq, layers, grad_ckpt, params_total, params_trainable,
@@ -67,7 +67,7 @@ constexpr const char* kUsage =
 
 struct Args {
   std::string mode;
-  int gc = 1, steps = 10, warmup = 3, profile = 0, ranks = 1, zero = 0, iters = 50, bucket_cap_mb = 25;
+  int gc = 1, steps = 10, warmup = 3, profile = 0, ranks = 1, zero = 0, iters = 50, bucket_cap_mb = 64;
   int64_t batch = 2, seq = 2048, layers = 16;
 };
 
