@@ -10,9 +10,25 @@
 // for it before anything reads their results. The host polls that event under the watchdog,
 // together with ncclCommGetAsyncError, so a stuck or failed collective ends the job with a message
 // instead of a hang.
+//
+// ZeRO-1's reduce over the copy engines (reduce_by_peer_copies): NCCL's reduce kernels take SMs
+// from backward's GEMMs for as long as the gradients cross. On one host each rank instead maps
+// every other rank's receive buffer (CUDA IPC) and copies its pieces of their shards there on a
+// copy stream, which no SM serves; finish_started() adds the received pieces on the owner. Each
+// rank's buffer holds one slot of its shard per other rank, then the flags, 32-bit step counters
+// compared with CUDA's stream memory operations:
+//   arrived[r]:  rank r's pieces of step k are all in this rank's slot of r (r writes k after them)
+//   consumed[o]: owner o has added this rank's slot of step k (o writes k after its adds)
+// A sender's first copy of step k waits (on its copy stream) for consumed[o] >= k-1 of every owner
+// o; an owner's adds wait (on its compute stream) for arrived[r] >= k of every sender r. A flag
+// travels as a 4-byte copy behind the data on the same stream, so it lands after the data. The
+// host watches the compute stream pass the adds under the watchdog, as it watches NCCL.
+#include <cuda.h>  // the stream memory operations' types; the functions come via cudaGetDriverEntryPointByVersion
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include <algorithm>
+#include <exception>
 #include <string>
 #include <vector>
 
@@ -36,6 +52,7 @@ class NcclCommunicator final : public Communicator {
  public:
   NcclCommunicator(Backend& backend, double timeout_s)
       : Communicator(MPI_COMM_WORLD, timeout_s),
+        backend_(backend),
         device_(backend.device_index()),
         compute_(static_cast<cudaStream_t>(backend.native_stream())) {
     RT_ASSERT(device_ >= 0 && compute_ != nullptr, "NCCL communicator needs a CUDA backend");
@@ -55,6 +72,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   ~NcclCommunicator() override {
+    if (peer_) close_peer_copies();
     if (comm_stream_) (void)cudaStreamSynchronize(comm_stream_);
     if (nccl_) (void)ncclCommDestroy(nccl_);
     for (cudaEvent_t e : ready_) (void)cudaEventDestroy(e);
@@ -73,7 +91,7 @@ class NcclCommunicator final : public Communicator {
   void start_sum(Tensor x) override {
     if (world_ == 1) return;
     check(x, "start_sum");
-    after_compute();
+    after_compute(comm_stream_);
     ncclCheck(ncclAllReduce(x.data, x.data, static_cast<size_t>(x.numel()), ncclFloat32, ncclSum, nccl_, comm_stream_));
     pending_ = true;
   }
@@ -82,7 +100,12 @@ class NcclCommunicator final : public Communicator {
     if (world_ == 1) return;
     check(x, "start_reduce");
     RT_ASSERT(root >= 0 && root < world_, "start_reduce: a root rank in the world");
-    after_compute();
+    if (peer_ && x.ptr<float>() >= grad_.ptr<float>() &&
+        x.ptr<float>() + x.numel() <= grad_.ptr<float>() + grad_.numel()) {
+      start_peer_copy(x, root);
+      return;
+    }
+    after_compute(comm_stream_);
     ncclCheck(
         ncclReduce(x.data, x.data, static_cast<size_t>(x.numel()), ncclFloat32, ncclSum, root, nccl_, comm_stream_));
     pending_ = true;
@@ -96,7 +119,7 @@ class NcclCommunicator final : public Communicator {
                 "NCCL start_broadcasts: a contiguous f32, bf16 or i32 GPU tensor");
       RT_ASSERT(b.root >= 0 && b.root < world_, "start_broadcasts: a root rank in the world");
     }
-    after_compute();
+    after_compute(comm_stream_);
     ncclCheck(ncclGroupStart());
     for (const Broadcast& b : batch) {
       const ncclDataType_t type =
@@ -108,8 +131,10 @@ class NcclCommunicator final : public Communicator {
   }
 
   void finish_started(const std::string& what) override {
-    if (world_ == 1 || !pending_) return;
-    wait_comm(what);
+    const bool peer = peer_step_;
+    if (peer) finish_peer_copies();
+    if (world_ == 1 || (!pending_ && !peer)) return;
+    wait_comm(what, peer);
     pending_ = false;
     n_ready_used_ = 0;
     n_marks_used_ = 0;
@@ -133,15 +158,197 @@ class NcclCommunicator final : public Communicator {
     cudaCheck(cudaStreamWaitEvent(compute_, marks_[static_cast<size_t>(mark)], 0));
   }
 
+  bool reduce_by_peer_copies(Tensor grad, const std::vector<int64_t>& shard_offsets) override {
+    if (world_ == 1) return false;
+    RT_ASSERT(grad.device == Device::cuda && grad.dtype == DType::f32 && grad.contiguous() &&
+                  static_cast<int>(shard_offsets.size()) == world_ + 1 && shard_offsets.back() == grad.numel(),
+              "reduce_by_peer_copies: the flat f32 gradient buffer and one shard offset per rank, and the end");
+    cudaCheck(cudaSetDevice(device_));
+    // Every rank on this host, the stream memory operations at hand, room for the buffer.
+    MPI_Comm node = MPI_COMM_NULL;
+    MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node);
+    int on_host = 0;
+    MPI_Comm_size(node, &on_host);
+    MPI_Comm_free(&node);
+    bool ok = on_host == world_ && load_stream_memops();
+    const int64_t bytes = peer_reduce_bytes(shard_offsets, rank_);
+    size_t free_bytes = 0, total = 0;
+    if (ok) cudaCheck(cudaMemGetInfo(&free_bytes, &total));
+    // Leave 1 GiB for what is allocated later (cuBLAS workspaces, NCCL's buffers).
+    ok = ok && static_cast<int64_t>(free_bytes) >= bytes + (int64_t{1} << 30);
+    if (ok && cudaMalloc(&base_, static_cast<size_t>(bytes)) != cudaSuccess) {
+      (void)cudaGetLastError();
+      base_ = nullptr;
+      ok = false;
+    }
+    if (ok) cudaCheck(cudaMemset(base_, 0, static_cast<size_t>(bytes)));
+    cudaCheck(cudaDeviceSynchronize());  // the zeroed flags are in place before any peer maps them
+    if (max(ok ? 0 : 1, "the copy-engine reduce's set-up") != 0) {
+      if (base_) cudaCheck(cudaFree(base_));
+      base_ = nullptr;
+      return false;
+    }
+    // Every rank maps every other rank's buffer.
+    cudaIpcMemHandle_t mine{};
+    cudaCheck(cudaIpcGetMemHandle(&mine, base_));
+    std::vector<cudaIpcMemHandle_t> handles(static_cast<size_t>(world_));
+    MPI_Allgather(&mine, sizeof mine, MPI_BYTE, handles.data(), sizeof mine, MPI_BYTE, comm_);
+    peer_base_.assign(static_cast<size_t>(world_), nullptr);
+    for (int r = 0; r < world_; ++r) {
+      if (r == rank_) continue;
+      if (cudaIpcOpenMemHandle(&peer_base_[static_cast<size_t>(r)], handles[static_cast<size_t>(r)],
+                               cudaIpcMemLazyEnablePeerAccess) != cudaSuccess) {
+        (void)cudaGetLastError();
+        peer_base_[static_cast<size_t>(r)] = nullptr;
+        ok = false;
+      }
+    }
+    if (max(ok ? 0 : 1, "the copy-engine reduce's mapping") != 0) {
+      for (void* p : peer_base_)
+        if (p) (void)cudaIpcCloseMemHandle(p);
+      peer_base_.clear();
+      cudaCheck(cudaFree(base_));
+      base_ = nullptr;
+      return false;
+    }
+    grad_ = grad;
+    offsets_ = shard_offsets;
+    cudaCheck(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking));
+    cudaCheck(cudaEventCreateWithFlags(&copy_done_, cudaEventDisableTiming));
+    cudaCheck(cudaEventCreateWithFlags(&peer_done_, cudaEventDisableTiming));
+    peer_ = true;
+    return true;
+  }
+
  private:
+  // ---- the copy-engine reduce ----
+  // Rank `at`'s buffer (this rank's or a mapped peer's): its slots, then its flags.
+  char* buffer_of(int at) const {
+    return static_cast<char*>(at == rank_ ? base_ : peer_base_[static_cast<size_t>(at)]);
+  }
+  int64_t shard_numel(int owner) const {
+    return offsets_[static_cast<size_t>(owner) + 1] - offsets_[static_cast<size_t>(owner)];
+  }
+  // Owner `owner`'s slot for sender `sender`, in `owner`'s buffer as this rank addresses it.
+  float* slot(int owner, int sender) const {
+    const int index = sender < owner ? sender : sender - 1;
+    return reinterpret_cast<float*>(buffer_of(owner)) + index * shard_numel(owner);
+  }
+  // Rank `at`'s flags: arrived[world], consumed[world], and two staging words.
+  uint32_t* flags(int at) const {
+    const int64_t slots = (world_ - 1) * shard_numel(at) * static_cast<int64_t>(sizeof(float));
+    return reinterpret_cast<uint32_t*>(buffer_of(at) + (slots + 255) / 256 * 256);
+  }
+  uint32_t* arrived(int at, int sender) const { return flags(at) + sender; }
+  uint32_t* consumed(int at, int owner) const { return flags(at) + world_ + owner; }
+  uint32_t* staging(int which) const { return flags(rank_) + 2 * world_ + which; }
+
+  bool load_stream_memops() {
+    if (wait_value_ && write_value_) return true;
+    void* wait = nullptr;
+    void* write = nullptr;
+    cudaDriverEntryPointQueryResult q1{}, q2{};
+    if (cudaGetDriverEntryPointByVersion("cuStreamWaitValue32", &wait, 12000, cudaEnableDefault, &q1) != cudaSuccess ||
+        cudaGetDriverEntryPointByVersion("cuStreamWriteValue32", &write, 12000, cudaEnableDefault, &q2) !=
+            cudaSuccess ||
+        q1 != cudaDriverEntryPointSuccess || q2 != cudaDriverEntryPointSuccess || !wait || !write) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    wait_value_ = reinterpret_cast<StreamValueFn>(wait);
+    write_value_ = reinterpret_cast<StreamValueFn>(write);
+    return true;
+  }
+  void wait_value(cudaStream_t stream, const uint32_t* at, uint32_t value) {
+    const CUresult r = wait_value_(reinterpret_cast<CUstream>(stream), reinterpret_cast<CUdeviceptr>(at), value,
+                                   CU_STREAM_WAIT_VALUE_GEQ);
+    RT_ASSERT(r == CUDA_SUCCESS, "cuStreamWaitValue32 failed with CUresult " + std::to_string(static_cast<int>(r)));
+  }
+  // Writes `value` into `to` (this rank's or a peer's word) behind the work queued on `stream`.
+  void post_value(cudaStream_t stream, int which, uint32_t* to, uint32_t value) {
+    const CUresult r =
+        write_value_(reinterpret_cast<CUstream>(stream), reinterpret_cast<CUdeviceptr>(staging(which)), value, 0);
+    RT_ASSERT(r == CUDA_SUCCESS, "cuStreamWriteValue32 failed with CUresult " + std::to_string(static_cast<int>(r)));
+    cudaCheck(cudaMemcpyAsync(to, staging(which), sizeof(uint32_t), cudaMemcpyDefault, stream));
+  }
+
+  // A piece of root's shard: the root notes it for its adds; every other rank copies it into its
+  // slot on the root's GPU once the compute stream has written it.
+  void start_peer_copy(Tensor x, int root) {
+    const int64_t offset = x.ptr<float>() - grad_.ptr<float>();
+    const auto r = static_cast<size_t>(root);
+    RT_ASSERT(offset >= offsets_[r] && offset + x.numel() <= offsets_[r + 1],
+              "start_reduce: a piece of the gradients inside its root's shard");
+    peer_step_ = true;
+    if (root == rank_) {
+      received_.push_back({offset, x.numel()});
+      return;
+    }
+    if (!copy_armed_) {  // the owners have added the last step's slots
+      for (int o = 0; o < world_; ++o)
+        if (o != rank_) wait_value(copy_stream_, consumed(rank_, o), seq_);
+      copy_armed_ = true;
+    }
+    after_compute(copy_stream_);
+    cudaCheck(cudaMemcpyAsync(slot(root, rank_) + (offset - offsets_[r]), x.data, x.nbytes(), cudaMemcpyDefault,
+                              copy_stream_));
+  }
+
+  // The end of a step's reduce: each sender flags its slots complete; each owner waits for every
+  // sender, adds the pieces it received to its shard and flags the slots free again.
+  void finish_peer_copies() {
+    ++seq_;
+    for (int o = 0; o < world_; ++o)
+      if (o != rank_) post_value(copy_stream_, 0, arrived(o, rank_), seq_);
+    cudaCheck(cudaEventRecord(copy_done_, copy_stream_));
+    cudaCheck(cudaStreamWaitEvent(compute_, copy_done_, 0));  // the gradients are read before they are rewritten
+    for (int r = 0; r < world_; ++r)
+      if (r != rank_) wait_value(compute_, arrived(rank_, r), seq_);
+    std::sort(received_.begin(), received_.end());
+    std::vector<std::pair<int64_t, int64_t>> runs;  // adjacent pieces merged
+    for (const auto& p : received_) {
+      if (!runs.empty() && runs.back().first + runs.back().second == p.first)
+        runs.back().second += p.second;
+      else
+        runs.push_back(p);
+    }
+    const int64_t begin = offsets_[static_cast<size_t>(rank_)];
+    for (int r = 0; r < world_; ++r) {
+      if (r == rank_) continue;
+      for (const auto& [offset, n] : runs)
+        backend_.add(grad_.flat_slice(offset, n),
+                     Tensor(slot(rank_, r) + (offset - begin), DType::f32, Device::cuda, {n}));
+    }
+    for (int r = 0; r < world_; ++r)
+      if (r != rank_) post_value(compute_, 1, consumed(r, rank_), seq_);
+    cudaCheck(cudaEventRecord(peer_done_, compute_));
+    received_.clear();
+    copy_armed_ = false;
+    peer_step_ = false;
+  }
+
+  // No rank frees its buffer while another may still write into it: each waits for its own GPU,
+  // then for every rank to have done so.
+  void close_peer_copies() {
+    (void)cudaSetDevice(device_);
+    (void)cudaDeviceSynchronize();
+    if (std::uncaught_exceptions() == 0) MPI_Barrier(comm_);
+    for (void* p : peer_base_)
+      if (p) (void)cudaIpcCloseMemHandle(p);
+    if (base_) (void)cudaFree(base_);
+    if (copy_done_) (void)cudaEventDestroy(copy_done_);
+    if (peer_done_) (void)cudaEventDestroy(peer_done_);
+    if (copy_stream_) (void)cudaStreamDestroy(copy_stream_);
+    peer_ = false;
+  }
+
   static void check(const Tensor& x, const char* op) {
     RT_ASSERT(x.device == Device::cuda && x.dtype == DType::f32 && x.contiguous(),
               std::string("NCCL ") + op + ": a contiguous f32 GPU tensor");
   }
 
-  // The communication stream waits for what the compute stream has queued so
-  // far.
-  void after_compute() {
+  // `stream` (communication or copy) waits for what the compute stream has queued so far.
+  void after_compute(cudaStream_t stream) {
     if (n_ready_used_ == ready_.size()) {
       cudaEvent_t e = nullptr;
       cudaCheck(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
@@ -149,14 +356,16 @@ class NcclCommunicator final : public Communicator {
     }
     cudaEvent_t e = ready_[n_ready_used_++];
     cudaCheck(cudaEventRecord(e, compute_));
-    cudaCheck(cudaStreamWaitEvent(comm_stream_, e, 0));
+    cudaCheck(cudaStreamWaitEvent(stream, e, 0));
   }
 
   // The compute stream waits for every collective queued so far; the host
-  // watches them finish.
-  void wait_comm(const std::string& what) {
-    cudaCheck(cudaEventRecord(done_, comm_stream_));
-    cudaCheck(cudaStreamWaitEvent(compute_, done_, 0));
+  // watches them finish, and with `peer` the compute stream pass the peer copies' adds.
+  void wait_comm(const std::string& what, bool peer = false) {
+    if (pending_) {
+      cudaCheck(cudaEventRecord(done_, comm_stream_));
+      cudaCheck(cudaStreamWaitEvent(compute_, done_, 0));
+    }
     watchdog_.enter(what);
     const auto abort = [this] { (void)ncclCommAbort(nccl_); };
     watchdog_.wait(
@@ -167,14 +376,18 @@ class NcclCommunicator final : public Communicator {
             watchdog_.fail(std::string("NCCL reported ") + ncclGetErrorString(async) + " in " + what +
                                " (another rank probably died)",
                            abort);
-          const cudaError_t q = cudaEventQuery(done_);
-          if (q == cudaErrorNotReady) return false;
-          cudaCheck(q);
+          for (cudaEvent_t e : {pending_ ? done_ : nullptr, peer ? peer_done_ : nullptr}) {
+            if (e == nullptr) continue;
+            const cudaError_t q = cudaEventQuery(e);
+            if (q == cudaErrorNotReady) return false;
+            cudaCheck(q);
+          }
           return true;
         },
         abort);
   }
 
+  Backend& backend_;  // the owner's adds run on its compute stream
   int device_;
   cudaStream_t compute_;
   cudaStream_t comm_stream_ = nullptr;
@@ -185,6 +398,20 @@ class NcclCommunicator final : public Communicator {
   size_t n_marks_used_ = 0;
   ncclComm_t nccl_ = nullptr;
   bool pending_ = false;
+
+  // The copy-engine reduce (reduce_by_peer_copies).
+  using StreamValueFn = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+  StreamValueFn wait_value_ = nullptr, write_value_ = nullptr;  // cuStreamWaitValue32, cuStreamWriteValue32
+  bool peer_ = false;
+  Tensor grad_;
+  std::vector<int64_t> offsets_;
+  void* base_ = nullptr;          // this rank's slots and flags
+  std::vector<void*> peer_base_;  // the other ranks', mapped
+  cudaStream_t copy_stream_ = nullptr;
+  cudaEvent_t copy_done_ = nullptr, peer_done_ = nullptr;
+  uint32_t seq_ = 0;  // steps whose reduce finished
+  bool peer_step_ = false, copy_armed_ = false;
+  std::vector<std::pair<int64_t, int64_t>> received_;  // this step's pieces of this rank's shard
 };
 
 }  // namespace

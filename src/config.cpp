@@ -133,6 +133,7 @@ const std::vector<Field>& schema() {
         RT_FIELD(distributed, max_memory_per_gpu, Kind::string, "\"\"", "budget the memory plan must fit per GPU, e.g. 20GiB; empty = its free memory; when set, the CPU path checks it too", ),
         RT_FIELD(distributed, ddp_bucket_cap_mb, Kind::number, "64", "gradients are reduced in backward in groups of layers of at least this many MiB (fp32), as DDP's bucket_cap_mb; 0 = each layer alone", 0, 1e6, ),
         RT_FIELD(distributed, zero_stage, Kind::integer, "0", "1 = shard optimizer states and masters over ranks (full fine-tuning)", 0, 1, ),
+        RT_FIELD(distributed, zero_reduce, Kind::string, "auto", "ZeRO-1's gradient reduce on the GPU: auto = copy engines over CUDA IPC when every rank is one GPU of one host, else NCCL; nccl = always NCCL", -kInf, kInf, false, {"auto", "nccl"}, ),
         RT_FIELD(distributed, allow_shared_gpus, Kind::boolean, "false", "allow more ranks than GPUs on a node (ranks share GPUs)", ),
         // checkpoint
         RT_FIELD(checkpoint, save_steps, Kind::integer, "0", "save every N steps (0 = only at the end)", 0, 1e12, ),

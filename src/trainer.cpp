@@ -378,6 +378,10 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
   const auto cap_bytes = static_cast<int64_t>(cfg.distributed.ddp_bucket_cap_mb * 1024 * 1024);
   GradReducer reducer(*comm, params, static_cast<int>(s.arch.n_layers), cap_bytes,
                       zero ? &opt.shard_offsets() : nullptr);
+  // ZeRO-1 on one host: the pieces cross to their owners on the copy engines rather than in NCCL's
+  // reduce kernels, which would take SMs from backward (distributed.zero_reduce; see comm.h).
+  const bool peer_reduce =
+      zero && cfg.distributed.zero_reduce == "auto" && comm->reduce_by_peer_copies(params.grad, opt.shard_offsets());
   reducer.exchange_embedding_rows(model);  // full fine-tuning of a tied embedding (see model.h)
   model.ledger().on_bucket_ready = [&](int bucket) { reducer.reduce_bucket(bucket); };
   model.before_forward_weights = [&](int layer) { opt.wait_for_weights(layer); };  // ZeRO-1's all-gather
@@ -456,8 +460,10 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
                   devices_per_rank, s.placement.use_gpu ? "GPU" : "CPU", devices_per_rank > 1 ? "s" : "",
                   comm->name().c_str());
     if (zero)
-      std::printf("ZeRO-1: fp32 masters and optimizer states sharded over %d ranks (whole tensors per shard)\n",
-                  li.world_size);
+      std::printf(
+          "ZeRO-1: fp32 masters and optimizer states sharded over %d ranks (whole tensors per shard); "
+          "gradients to their owners %s\n",
+          li.world_size, peer_reduce ? "over the copy engines (CUDA IPC)" : ("by " + comm->name()).c_str());
     if (li.world_size > 1)
       for (int r = 0; r < li.world_size; ++r) std::printf("  rank %d: %s\n", r, rank_devices[static_cast<size_t>(r)].c_str());
     if (!s.stages.empty())

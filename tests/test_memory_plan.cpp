@@ -198,7 +198,9 @@ TEST(MemoryPlan, OffloadKeepsTwoLayerInputsOnTheDevice) {
 
 // The Llama-3.2-1B shape at batch 2 x 2048 on the GPU path, printed for the record; the figures
 // the device must confirm (within 10% of the measured peak) are in the report of issue #7.
-TEST(MemoryPlan, Llama1BShapeOnTheGpuPath) {
+namespace {
+// The Llama-3.2-1B shape (the performance issue's workloads).
+ModelOptions llama1b_options() {
   ModelOptions o;
   o.arch.vocab_size = 128256;
   o.arch.hidden_size = 2048;
@@ -209,6 +211,12 @@ TEST(MemoryPlan, Llama1BShapeOnTheGpuPath) {
   o.arch.head_dim = 64;
   o.arch.max_position_embeddings = 131072;
   o.arch.tie_word_embeddings = true;
+  return o;
+}
+}  // namespace
+
+TEST(MemoryPlan, Llama1BShapeOnTheGpuPath) {
+  ModelOptions o = llama1b_options();
   o.lora = true;
   o.lora_r = 16;
   o.lora_targets = kAll;
@@ -242,6 +250,34 @@ TEST(MemoryPlan, Llama1BShapeOnTheGpuPath) {
   EXPECT_LT(offload.total, lora.total);
   EXPECT_GT(no_ckpt.total, lora.total);
   EXPECT_GT(full.total, 4 * lora.total);
+}
+
+// ZeRO-1's copy-engine reduce (Communicator::reduce_by_peer_copies) holds one receive slot of the
+// rank's shard per other rank: over 2 ranks about half the gradients, over 4 three quarters.
+TEST(MemoryPlan, CountsZeroReceiveSlotsOfTheCopyEngineReduce) {
+  ModelOptions o = llama1b_options();
+  o.train_base = true;
+  o.master_weights = false;
+  o.max_batch = 2;
+  o.max_seq = 2048;
+  for (int world : {2, 4}) {
+    o.data_parallel_ranks = world;
+    PlanSettings s;
+    s.world_size = world;
+    s.zero_stage = 1;
+    const MemoryPlan nccl = plan_memory(o, s);
+    s.zero_reduce_by_copies = true;
+    const MemoryPlan copies = plan_memory(o, s);
+    const double grads = static_cast<double>(nccl.gradients);
+    const double slots = static_cast<double>(copies.gradients - nccl.gradients);
+    // The total grows by the slots (and the allocator's rounding of them in runtime_overhead).
+    EXPECT_GE(copies.total - nccl.total, copies.gradients - nccl.gradients);
+    EXPECT_LT(static_cast<double>(copies.total - nccl.total), slots * 1.01);
+    // The largest shard is a little over 1/world of the tensors (cuts at tensor boundaries).
+    EXPECT_GT(slots, grads * (world - 1) / world * 0.98) << world;
+    EXPECT_LT(slots, grads * (world - 1) / world * 1.25) << world;
+    EXPECT_NE(copies.notes.gradients.find("receive slots"), std::string::npos) << copies.notes.gradients;
+  }
 }
 
 TEST(MemoryPlan, SizeStrings) {

@@ -4,7 +4,7 @@
 //
 // Usage: ranktune_bench_step MODE [--gc 0|1|2|3] [--steps N] [--warmup N] [--batch B] [--seq T]
 //                                 [--layers L] [--profile 0|1] [--ranks N] [--zero 0|1]
-//                                 [--bucket-cap-mb N] [--iters N]
+//                                 [--bucket-cap-mb N] [--copy-engines 0|1] [--iters N]
 //   MODE: lora   LoRA r=16 on all seven projections
 //         full   full fine-tuning
 //         qlora  LoRA over NF4 base weights (load_in_4bit)
@@ -19,16 +19,17 @@
 //                owner during backward, updated weights broadcast from their owners
 //   --bucket-cap-mb N  gradient reductions grouped up to N MiB, as distributed.ddp_bucket_cap_mb
 //                (default 64; 0 = each layer alone)
+//   --copy-engines 0|1  under --zero 1, gradients to their owners over the copy engines (CUDA IPC) as
+//                distributed.zero_reduce: auto does on one host (1, the default), or by NCCL (0)
 //
 // Output: exactly one JSON line on stdout, in the form tools/hf_peer_baseline.py prints for the HF
 // peer (peer, mode, gpus, batch_per_gpu, seq, layers, grad_ckpt, params_total, params_trainable,
 // tokens_per_s, step_ms, peak_mem_gib, loss, gpu), plus model_flops_per_token (see
 // flops_per_token below), model_tflops_per_s, plan_mem_gib (the memory plan's total for the run,
-// src/memory_plan.cpp, to compare with peak_mem_gib), zero (0 or 1), steps, warmup, profiled and,
-// with --profile 1, profile: {steps, step_ms, gpu_span_ms, ops_ms, ops: [{op, calls, ms, gflop}]}
-// (per step).
-// gemm mode prints {peer, mode: "gemm", gemm_tflops (best shape), shapes: [...], gpu}.
-// Errors go to stderr; exit 2 for a usage error or a mode that is not available, 1 for a failure.
+// src/memory_plan.cpp, to compare with peak_mem_gib), zero (0 or 1), zero_reduce (copy_engines or nccl), steps, warmup,
+// profiled and, with --profile 1, profile: {steps, step_ms, gpu_span_ms, ops_ms, ops: [{op, calls, ms, gflop}]} (per
+// step). gemm mode prints {peer, mode: "gemm", gemm_tflops (best shape), shapes: [...], gpu}. Errors go to stderr; exit
+// 2 for a usage error or a mode that is not available, 1 for a failure.
 #include <cuda_runtime.h>
 #include <mpi.h>
 
@@ -57,7 +58,7 @@ constexpr const char* kUsage =
     "usage: ranktune_bench_step lora|full|qlora|gemm [--gc 0|1|2|3 (2 = offload, 3 = keep_attention)]\n"
     "                           [--steps N] [--warmup N] [--batch B]\n"
     "                           [--seq T] [--layers L] [--profile 0|1] [--ranks N] [--zero 0|1 (full, --ranks > 1)]\n"
-    "                           [--bucket-cap-mb N]\n"
+    "                           [--bucket-cap-mb N] [--copy-engines 0|1 (with --zero 1)]\n"
     "                           [--iters N]\n";
 
 [[noreturn]] void usage_error(const std::string& msg) {
@@ -67,7 +68,8 @@ constexpr const char* kUsage =
 
 struct Args {
   std::string mode;
-  int gc = 1, steps = 10, warmup = 3, profile = 0, ranks = 1, zero = 0, iters = 50, bucket_cap_mb = 64;
+  int gc = 1, steps = 10, warmup = 3, profile = 0, ranks = 1, zero = 0, iters = 50, bucket_cap_mb = 64,
+      copy_engines = 1;
   int64_t batch = 2, seq = 2048, layers = 16;
 };
 
@@ -105,6 +107,8 @@ Args parse_args(int argc, char** argv) {
       a.iters = static_cast<int>(v);
     else if (key == "--bucket-cap-mb")
       a.bucket_cap_mb = static_cast<int>(v);
+    else if (key == "--copy-engines")
+      a.copy_engines = static_cast<int>(v);
     else
       usage_error("unknown option '" + key + "'");
   }
@@ -112,6 +116,7 @@ Args parse_args(int argc, char** argv) {
     usage_error("--steps, --batch, --layers, --iters, --ranks must be >= 1, --seq >= 2, --warmup >= 0");
   if (a.zero != 0 && a.zero != 1) usage_error("--zero must be 0 or 1");
   if (a.bucket_cap_mb < 0) usage_error("--bucket-cap-mb must be >= 0");
+  if (a.copy_engines != 0 && a.copy_engines != 1) usage_error("--copy-engines must be 0 or 1");
   if (a.gc < 0 || a.gc > 3) usage_error("--gc must be 0 (off), 1 (on), 2 (offload) or 3 (keep_attention)");
   if (a.zero == 1 && (a.mode != "full" || a.ranks < 2))
     usage_error("--zero 1 shards full fine-tuning over ranks: it needs MODE full and --ranks > 1");
@@ -308,6 +313,8 @@ int run_training(const Args& args) {
   Optimizer opt(be, model.trainable(), tc, args.zero ? comm.get() : nullptr);
   GradReducer reducer(*comm, model.trainable(), static_cast<int>(a.n_layers), int64_t{args.bucket_cap_mb} << 20,
                       args.zero ? &opt.shard_offsets() : nullptr);
+  const bool peer_reduce =
+      args.zero && args.copy_engines && comm->reduce_by_peer_copies(model.trainable().grad, opt.shard_offsets());
   reducer.exchange_embedding_rows(model);  // as the trainer: the tied embedding's lookup rows
   model.ledger().on_bucket_ready = [&](int bucket) { reducer.reduce_bucket(bucket); };
   model.before_forward_weights = [&](int layer) { opt.wait_for_weights(layer); };  // as the trainer
@@ -352,6 +359,7 @@ int run_training(const Args& args) {
   plan.load_in_4bit = args.mode == "qlora";
   plan.world_size = args.ranks;
   plan.zero_stage = args.zero;
+  plan.zero_reduce_by_copies = peer_reduce;
   nlohmann::json j = {{"peer", "ranktune"},
                       {"mode", args.mode},
                       {"gpus", args.ranks},
@@ -367,6 +375,7 @@ int run_training(const Args& args) {
                       {"plan_mem_gib", static_cast<double>(plan_memory(o, plan).total) / (1 << 30)},
                       {"loss", loss},
                       {"zero", args.zero},
+                      {"zero_reduce", args.zero ? (peer_reduce ? "copy_engines" : "nccl") : ""},
                       {"bucket_cap_mb", args.bucket_cap_mb},
                       {"gpu", gpu_name()},
                       {"model_flops_per_token", fpt},

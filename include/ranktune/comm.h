@@ -78,6 +78,20 @@ class Communicator {
   // Sums the f32 tensor x over ranks into root's x; the other ranks' x is left undefined (ZeRO-1: a
   // piece of a gradient bucket, to the rank whose shard holds it).
   virtual void start_reduce(Tensor x, int root) = 0;
+  // ZeRO-1 on one host (distributed.zero_reduce: auto). From now on start_reduce() of a slice of
+  // `grad` -- the flat gradient buffer, shard r = [shard_offsets[r], shard_offsets[r+1]) -- copies the
+  // slice into a receive buffer on its root's GPU over the copy engines (CUDA IPC), and
+  // finish_started() adds what each root received to its shard: no SM of either GPU is taken from
+  // backward's kernels while the gradients cross. Collective; every rank gets the same answer.
+  // false (and nothing changes) where this communicator cannot: MPI, ranks on several hosts, no
+  // peer access between the GPUs, or too little memory for the receive buffers.
+  virtual bool reduce_by_peer_copies(Tensor grad, const std::vector<int64_t>& shard_offsets) {
+    (void)grad, (void)shard_offsets;
+    return false;
+  }
+  // Bytes of GPU memory reduce_by_peer_copies() allocates on `rank`: its shard's gradients once per
+  // other rank, plus a few flags (src/memory_plan.cpp plans them).
+  static int64_t peer_reduce_bytes(const std::vector<int64_t>& shard_offsets, int rank);
   // Copies each root's x to every rank; f32 or the activation dtype (ZeRO-1: updated weights'
   // compute copies, each from the rank that updated it). One batch is one launch on the GPU (an
   // NCCL group): many small broadcasts would each pay NCCL's latency.
