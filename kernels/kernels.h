@@ -1,6 +1,7 @@
 // Kernel launchers: one section per op family, each implemented in kernels/<family>.cu with the
 // forward and backward kernels side by side. Launchers pick grid sizes and take a stream; the
-// CUDA backend (src/cuda_backend.cu) is their only caller. Pointers are device pointers.
+// CUDA backend (src/cuda_backend.cu) is their caller, and the NCCL communicator's copy-engine reduce
+// (src/comm_nccl.cu) calls add_f32 on a stream of its own. Pointers are device pointers.
 // Semantics are those of the matching Backend op in include/ranktune/backend.h.
 #pragma once
 #include <cublasLt.h>

@@ -14,15 +14,16 @@
 // ZeRO-1's reduce over the copy engines (reduce_by_peer_copies): NCCL's reduce kernels take SMs
 // from backward's GEMMs for as long as the gradients cross. On one host each rank instead maps
 // every other rank's receive buffer (CUDA IPC) and copies its pieces of their shards there on a
-// copy stream, which no SM serves; finish_started() adds the received pieces on the owner. Each
-// rank's buffer holds one slot of its shard per other rank, then the flags, 32-bit step counters
-// compared with CUDA's stream memory operations:
-//   arrived[r]:  rank r's pieces of step k are all in this rank's slot of r (r writes k after them)
-//   consumed[o]: owner o has added this rank's slot of step k (o writes k after its adds)
+// copy stream, which no SM serves; the owner adds each piece's copies to its own on a stream beside
+// backward as soon as they have arrived. Each rank's buffer holds one slot of its shard per other
+// rank, then the flags, 32-bit counters compared with CUDA's stream memory operations:
+//   arrived[r]:  how many pieces rank r has copied here so far (every step counts on)
+//   consumed[o]: the steps whose pieces owner o has added, so its slots are free again
 // A sender's first copy of step k waits (on its copy stream) for consumed[o] >= k-1 of every owner
-// o; an owner's adds wait (on its compute stream) for arrived[r] >= k of every sender r. A flag
-// travels as a 4-byte copy behind the data on the same stream, so it lands after the data. The
-// host watches the compute stream pass the adds under the watchdog, as it watches NCCL.
+// o; an owner's add of its n-th piece waits (on its add stream) for arrived[r] >= n of every sender
+// r: every rank starts the same pieces in the same order. A counter travels as a 4-byte copy behind
+// the data on the same stream, so it lands after the data. The compute stream waits for the adds
+// in finish_started(), and the host watches it pass them under the watchdog, as it watches NCCL.
 #include <cuda.h>  // the stream memory operations' types; the functions come via cudaGetDriverEntryPointByVersion
 #include <cuda_runtime.h>
 #include <nccl.h>
@@ -33,6 +34,7 @@
 #include <vector>
 
 #include "cuda_check.h"
+#include "kernels.h"
 #include "ranktune/comm.h"
 #include "ranktune/error.h"
 
@@ -214,6 +216,8 @@ class NcclCommunicator final : public Communicator {
     grad_ = grad;
     offsets_ = shard_offsets;
     cudaCheck(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking));
+    cudaCheck(cudaStreamCreateWithFlags(&add_stream_, cudaStreamNonBlocking));
+    sent_.assign(static_cast<size_t>(world_), 0);
     cudaCheck(cudaEventCreateWithFlags(&copy_done_, cudaEventDisableTiming));
     cudaCheck(cudaEventCreateWithFlags(&peer_done_, cudaEventDisableTiming));
     peer_ = true;
@@ -272,8 +276,10 @@ class NcclCommunicator final : public Communicator {
     cudaCheck(cudaMemcpyAsync(to, staging(which), sizeof(uint32_t), cudaMemcpyDefault, stream));
   }
 
-  // A piece of root's shard: the root notes it for its adds; every other rank copies it into its
-  // slot on the root's GPU once the compute stream has written it.
+  // A piece of root's shard. Every other rank copies it into its slot on the root's GPU once its
+  // compute stream has written it, then counts it in the root's arrived[]; the root adds the
+  // slots' copies to its own on the add stream as soon as they have arrived, while backward goes on
+  // (the ledger reports a piece once it is final for the step, so nothing writes it meanwhile).
   void start_peer_copy(Tensor x, int root) {
     const int64_t offset = x.ptr<float>() - grad_.ptr<float>();
     const auto r = static_cast<size_t>(root);
@@ -281,7 +287,14 @@ class NcclCommunicator final : public Communicator {
               "start_reduce: a piece of the gradients inside its root's shard");
     peer_step_ = true;
     if (root == rank_) {
-      received_.push_back({offset, x.numel()});
+      ++received_;
+      after_compute(add_stream_);
+      for (int from = 0; from < world_; ++from) {
+        if (from == rank_) continue;
+        wait_value(add_stream_, arrived(rank_, from), received_);
+        kernels::add_f32(x.ptr<float>(), x.numel(), slot(rank_, from) + (offset - offsets_[r]), x.numel(), 1, x.numel(),
+                         add_stream_);
+      }
       return;
     }
     if (!copy_armed_) {  // the owners have added the last step's slots
@@ -292,37 +305,19 @@ class NcclCommunicator final : public Communicator {
     after_compute(copy_stream_);
     cudaCheck(cudaMemcpyAsync(slot(root, rank_) + (offset - offsets_[r]), x.data, x.nbytes(), cudaMemcpyDefault,
                               copy_stream_));
+    post_value(copy_stream_, 0, arrived(root, rank_), ++sent_[r]);
   }
 
-  // The end of a step's reduce: each sender flags its slots complete; each owner waits for every
-  // sender, adds the pieces it received to its shard and flags the slots free again.
+  // The end of a step's reduce: the compute stream waits for this rank's copies (backward rewrites
+  // the gradients next step) and for its adds; the adds' end frees the slots for the next step.
   void finish_peer_copies() {
     ++seq_;
-    for (int o = 0; o < world_; ++o)
-      if (o != rank_) post_value(copy_stream_, 0, arrived(o, rank_), seq_);
     cudaCheck(cudaEventRecord(copy_done_, copy_stream_));
-    cudaCheck(cudaStreamWaitEvent(compute_, copy_done_, 0));  // the gradients are read before they are rewritten
+    cudaCheck(cudaStreamWaitEvent(compute_, copy_done_, 0));
     for (int r = 0; r < world_; ++r)
-      if (r != rank_) wait_value(compute_, arrived(rank_, r), seq_);
-    std::sort(received_.begin(), received_.end());
-    std::vector<std::pair<int64_t, int64_t>> runs;  // adjacent pieces merged
-    for (const auto& p : received_) {
-      if (!runs.empty() && runs.back().first + runs.back().second == p.first)
-        runs.back().second += p.second;
-      else
-        runs.push_back(p);
-    }
-    const int64_t begin = offsets_[static_cast<size_t>(rank_)];
-    for (int r = 0; r < world_; ++r) {
-      if (r == rank_) continue;
-      for (const auto& [offset, n] : runs)
-        backend_.add(grad_.flat_slice(offset, n),
-                     Tensor(slot(rank_, r) + (offset - begin), DType::f32, Device::cuda, {n}));
-    }
-    for (int r = 0; r < world_; ++r)
-      if (r != rank_) post_value(compute_, 1, consumed(r, rank_), seq_);
-    cudaCheck(cudaEventRecord(peer_done_, compute_));
-    received_.clear();
+      if (r != rank_) post_value(add_stream_, 1, consumed(r, rank_), seq_);
+    cudaCheck(cudaEventRecord(peer_done_, add_stream_));
+    cudaCheck(cudaStreamWaitEvent(compute_, peer_done_, 0));
     copy_armed_ = false;
     peer_step_ = false;
   }
@@ -339,6 +334,7 @@ class NcclCommunicator final : public Communicator {
     if (copy_done_) (void)cudaEventDestroy(copy_done_);
     if (peer_done_) (void)cudaEventDestroy(peer_done_);
     if (copy_stream_) (void)cudaStreamDestroy(copy_stream_);
+    if (add_stream_) (void)cudaStreamDestroy(add_stream_);
     peer_ = false;
   }
 
@@ -409,9 +405,11 @@ class NcclCommunicator final : public Communicator {
   std::vector<void*> peer_base_;  // the other ranks', mapped
   cudaStream_t copy_stream_ = nullptr;
   cudaEvent_t copy_done_ = nullptr, peer_done_ = nullptr;
-  uint32_t seq_ = 0;  // steps whose reduce finished
+  cudaStream_t add_stream_ = nullptr;  // the owner's adds, beside backward
+  uint32_t seq_ = 0;                   // steps whose reduce finished
+  uint32_t received_ = 0;              // pieces of this rank's shard so far (every step)
+  std::vector<uint32_t> sent_;         // pieces sent to each owner so far
   bool peer_step_ = false, copy_armed_ = false;
-  std::vector<std::pair<int64_t, int64_t>> received_;  // this step's pieces of this rank's shard
 };
 
 }  // namespace
