@@ -183,8 +183,8 @@ int64_t Communicator::peer_reduce_bytes(const std::vector<int64_t>& shard_offset
   RT_ASSERT(rank >= 0 && rank < world, "peer_reduce_bytes: a rank of the shards");
   const int64_t shard = shard_offsets[static_cast<size_t>(rank) + 1] - shard_offsets[static_cast<size_t>(rank)];
   const auto round_up = [](int64_t x) { return (x + 255) / 256 * 256; };
-  // The receive slots, then the flags: two 32-bit words per rank and one staging word.
-  return round_up((world - 1) * shard * static_cast<int64_t>(sizeof(float))) + round_up((2 * world + 1) * 4);
+  // The receive slots, then the flags: two 32-bit words per rank and two staging words.
+  return round_up((world - 1) * shard * static_cast<int64_t>(sizeof(float))) + round_up((2 * world + 2) * 4);
 }
 
 GradReducer::GradReducer(Communicator& comm, ParamGroup& params, int n_layers, int64_t cap_bytes,
