@@ -1147,7 +1147,15 @@ void LlamaModel::linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const Lo
 
 void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
   const LlamaArch& a = opt_.arch;
-  if (opt_.checkpointing != Checkpointing::off) layer_forward(l, /*recompute=*/true, dropout_seed);
+  // With checkpointing the layer's activations are recomputed, except for the last layer of a stage:
+  // its forward, just before the head, left them in the stage's set, and no later layer of the stage
+  // has overwritten them.
+  const bool last_of_stage =
+      l + 1 == a.n_layers || layer_stage_[static_cast<size_t>(l) + 1] != layer_stage_[static_cast<size_t>(l)];
+  if (opt_.checkpointing != Checkpointing::off && !last_of_stage) {
+    layer_forward(l, /*recompute=*/true, dropout_seed);
+    ++layers_recomputed_;
+  }
   LayerActs& A = acts(l);
   Stage& S = stage(l);
   Backend& b = *S.be;
@@ -1213,6 +1221,7 @@ void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
 double LlamaModel::forward_backward(const ModelInputs& in, float grad_scale, uint64_t dropout_seed) {
   const LlamaArch& a = opt_.arch;
   forward(in, true, dropout_seed);
+  layers_recomputed_ = 0;
   head_loss(N_, true, grad_scale, nullptr);
   // d ln_final is in the first stage's dln; through the final norm into the residual stream's gradient.
   const int64_t N = N_, C = a.hidden_size;

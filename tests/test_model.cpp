@@ -178,6 +178,10 @@ TEST(Model, CheckpointingIsBitwiseIdentical) {
         Data d = make_data(seed);
         const double l_off = step(off, d), l_ckpt = step(ckpt, d);
         EXPECT_EQ(l_off, l_ckpt);
+        // The last layer's activations are still in the set from the forward: only the other two
+        // are recomputed.
+        EXPECT_EQ(off.layers_recomputed(), 0);
+        EXPECT_EQ(ckpt.layers_recomputed(), 2);
         for (const auto& p : off.trainable().specs) {
           std::vector<float> a = off.get_grad(p.name), b = ckpt.get_grad(p.name);
           ASSERT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * 4))
@@ -376,6 +380,11 @@ TEST(ModelStages, ThreeStagesEqualOne) {
     randomize(three, 21);
     Data d = make_data(4);
     EXPECT_EQ(step(one, d), step(three, d));
+    // Each stage's last layer is left in its set by the forward: of {0}, {1, 2}, {3} only layer 1
+    // is recomputed, against layers 0-2 on one backend.
+    const bool on = ckpt == Checkpointing::on;
+    EXPECT_EQ(one.layers_recomputed(), on ? 3 : 0);
+    EXPECT_EQ(three.layers_recomputed(), on ? 1 : 0);
     for (const auto& p : one.lora().specs) EXPECT_EQ(one.get_grad(p.name), three.get_grad(p.name)) << p.name;
     std::vector<float> la, lb;
     EXPECT_EQ(one.forward_loss(d.in(), &la), three.forward_loss(d.in(), &lb));

@@ -198,6 +198,9 @@ class LlamaModel {
   // of the token losses of this micro-batch. The caller brackets micro-batches with
   // ledger().begin_step/begin_micro/end_micro/end_step.
   double forward_backward(const ModelInputs& in, float grad_scale, uint64_t dropout_seed);
+  // The layers the last forward_backward() recomputed: with checkpointing every layer but the last
+  // of each stage, whose activations are still in the stage's set from the forward; 0 without.
+  int layers_recomputed() const { return layers_recomputed_; }
   // Loss only (eval): returns the sum of token losses; if logits is non-null it receives all
   // B*T*V logits (for tests with small vocabularies).
   double forward_loss(const ModelInputs& in, std::vector<float>* logits = nullptr);
@@ -284,6 +287,7 @@ class LlamaModel {
   KvCache kv_;
   Pass pass_ = Pass::normal;
   bool training_ = false;
+  int layers_recomputed_ = 0;
   int64_t B_ = 0, T_ = 0, N_ = 0;
   int64_t loss_chunk_ = 0;
 };
