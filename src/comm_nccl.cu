@@ -54,7 +54,6 @@ class NcclCommunicator final : public Communicator {
  public:
   NcclCommunicator(Backend& backend, double timeout_s)
       : Communicator(MPI_COMM_WORLD, timeout_s),
-        backend_(backend),
         device_(backend.device_index()),
         compute_(static_cast<cudaStream_t>(backend.native_stream())) {
     RT_ASSERT(device_ >= 0 && compute_ != nullptr, "NCCL communicator needs a CUDA backend");
@@ -383,7 +382,6 @@ class NcclCommunicator final : public Communicator {
         abort);
   }
 
-  Backend& backend_;  // the owner's adds run on its compute stream
   int device_;
   cudaStream_t compute_;
   cudaStream_t comm_stream_ = nullptr;

@@ -56,10 +56,7 @@ enum class Training { lora, full, full_zero1 };
 void check_two_gpus_equal_one(Training training) {
   const bool lora = training == Training::lora, zero = training == Training::full_zero1;
   const char* name = lora ? "lora" : zero ? "full_zero1" : "full";
-  SKIP_WITHOUT_GPU();
-  int count = 0;
-  (void)cudaGetDeviceCount(&count);
-  if (count < 2) GTEST_SKIP() << "needs 2 GPUs, this machine has " << count;
+  SKIP_WITHOUT_GPUS(2);
   const std::string dir = fresh_temp_dir(std::string("gpu_dp_") + name);
   write_run_yaml(dir + "/run.yaml", 4, "",
                  std::string("{enabled: ") + (lora ? "true" : "false") + ", r: 8, lora_alpha: 16}",
@@ -109,12 +106,9 @@ void check_two_gpus_equal_one(Training training) {
 // one host) or in NCCL's reduce kernels (nccl). With two ranks each owner adds the same two fp32
 // values either way, so the runs must agree to the bit: losses and final weights. Each layer is a
 // group of its own (ddp_bucket_cap_mb 0), so copies run during backward, and with gradient
-// accumulation and ten steps the step counters that order the copies wrap through many steps.
+// accumulation and ten steps the counters that order the copies run on across steps.
 TEST(GpuDataParallel, Zero1CopyEngineReduceMatchesNcclBitForBit) {
-  SKIP_WITHOUT_GPU();
-  int count = 0;
-  (void)cudaGetDeviceCount(&count);
-  if (count < 2) GTEST_SKIP() << "needs 2 GPUs, this machine has " << count;
+  SKIP_WITHOUT_GPUS(2);
   const std::string dir = fresh_temp_dir("gpu_dp_zero1_copy_engines");
   write_run_yaml(dir + "/run.yaml", 4, "", "{enabled: false}",
                  "{max_steps: 10, learning_rate: 2.0e-3, warmup_steps: 2, gradient_accumulation_steps: 2}");
@@ -160,10 +154,7 @@ TEST(GpuDataParallel, TwoGpusEqualOneGpuWithTwiceTheBatchFullZero1) { check_two_
 // device_map: auto in one process: the layers spread over two GPUs train exactly what one GPU
 // trains (the same kernels on the same shapes; activations cross by exact peer copies).
 TEST(GpuDeviceMapAuto, TwoGpusInOneProcessEqualOneGpu) {
-  SKIP_WITHOUT_GPU();
-  int count = 0;
-  (void)cudaGetDeviceCount(&count);
-  if (count < 2) GTEST_SKIP() << "needs 2 GPUs, this machine has " << count;
+  SKIP_WITHOUT_GPUS(2);
   const std::string dir = fresh_temp_dir("gpu_device_map_auto");
   write_run_yaml(dir + "/run.yaml", 6, "", "{enabled: true, r: 8, lora_alpha: 16, lora_dropout: 0.05}",
                  "{max_steps: 10, learning_rate: 2.0e-3, warmup_steps: 2, gradient_accumulation_steps: 2}");
@@ -187,10 +178,7 @@ TEST(GpuDeviceMapAuto, TwoGpusInOneProcessEqualOneGpu) {
 // over its two GPUs, rank 1 on cuda:2 and cuda:3). It trains what 2 ranks of one GPU each train: the
 // same kernels on the same shapes, and the same gradients summed over NCCL.
 TEST(GpuDeviceMapAuto, TwoRanksOfTwoGpusEqualTwoRanksOfOne) {
-  SKIP_WITHOUT_GPU();
-  int count = 0;
-  (void)cudaGetDeviceCount(&count);
-  if (count < 4) GTEST_SKIP() << "needs 4 GPUs, this machine has " << count;
+  SKIP_WITHOUT_GPUS(4);
   const std::string dir = fresh_temp_dir("gpu_device_map_auto_ranks");
   write_run_yaml(dir + "/run.yaml", 6, "  enable_multi_gpu: true\n", "{enabled: true, r: 8, lora_alpha: 16}",
                  "{max_steps: 10, learning_rate: 2.0e-3, warmup_steps: 2, per_device_train_batch_size: 2}");

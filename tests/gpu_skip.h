@@ -23,3 +23,12 @@ inline std::string gpu_unavailable_reason() {
     const std::string why_ = gpu_unavailable_reason();                    \
     if (!why_.empty()) GTEST_SKIP() << "no CUDA GPU available: " << why_; \
   } while (0)
+
+// Also skips where the machine has fewer than n GPUs (the multi-GPU tests).
+#define SKIP_WITHOUT_GPUS(n)                                                                   \
+  do {                                                                                         \
+    SKIP_WITHOUT_GPU();                                                                        \
+    int count_ = 0;                                                                            \
+    (void)cudaGetDeviceCount(&count_);                                                         \
+    if (count_ < (n)) GTEST_SKIP() << "needs " << (n) << " GPUs, this machine has " << count_; \
+  } while (0)

@@ -80,9 +80,9 @@ class Communicator {
   virtual void start_reduce(Tensor x, int root) = 0;
   // ZeRO-1 on one host (distributed.zero_reduce: auto). From now on start_reduce() of a slice of
   // `grad` -- the flat gradient buffer, shard r = [shard_offsets[r], shard_offsets[r+1]) -- copies the
-  // slice into a receive buffer on its root's GPU over the copy engines (CUDA IPC), and
-  // finish_started() adds what each root received to its shard: no SM of either GPU is taken from
-  // backward's kernels while the gradients cross. Collective; every rank gets the same answer.
+  // slice into a receive buffer on its root's GPU over the copy engines (CUDA IPC), and the root adds
+  // it to its own as soon as it has arrived, beside backward; finish_started() waits for the adds.
+  // No SM of either GPU moves the bytes. Collective; every rank gets the same answer.
   // false (and nothing changes) where this communicator cannot: MPI, ranks on several hosts, no
   // peer access between the GPUs, or too little memory for the receive buffers.
   virtual bool reduce_by_peer_copies(Tensor grad, const std::vector<int64_t>& shard_offsets) {
