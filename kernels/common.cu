@@ -84,6 +84,24 @@ __global__ void copy_kernel(Dst* dst, int64_t ld_dst, const Src* src, int64_t ld
   }
 }
 
+// A batch of small 2-D copies (Backend::copy_batch): blockIdx.y picks the copy, the x blocks
+// stride over its elements. The descriptors travel as a kernel parameter, so the launch needs no
+// upload of its own; kCopyBlocksPerLaunch of them keep the parameter under 4 KiB.
+constexpr int kCopyBlocksPerLaunch = 64;
+struct CopyBlocks {
+  CopyBlock block[kCopyBlocksPerLaunch];
+};
+
+__global__ void copy_blocks_kernel(CopyBlocks blocks) {
+  const CopyBlock& b = blocks.block[blockIdx.y];
+  const int64_t n = static_cast<int64_t>(b.rows) * b.cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / b.cols, c = i % b.cols;
+    b.dst[r * b.ld_dst + c] = b.src[r * b.ld_src + c];
+  }
+}
+
 // y += x; y may be x itself.
 template <int kVec, class T>
 __global__ void add_kernel(T* y, int64_t ld_y, const T* x, int64_t ld_x, int64_t rows,
@@ -231,6 +249,21 @@ void copy_bf16_to_f32(float* dst, int64_t ld_dst, const bf16* src, int64_t ld_sr
 void copy_bf16(bf16* dst, int64_t ld_dst, const bf16* src, int64_t ld_src, int64_t rows,
                int64_t cols, cudaStream_t s) {
   launch_copy(dst, ld_dst, src, ld_src, rows, cols, s);
+}
+
+void copy_bf16_blocks(const CopyBlock* blocks, int64_t n_blocks, cudaStream_t s) {
+  for (int64_t first = 0; first < n_blocks; first += kCopyBlocksPerLaunch) {
+    const int64_t n = std::min<int64_t>(kCopyBlocksPerLaunch, n_blocks - first);
+    CopyBlocks batch{};
+    int64_t largest = 1;
+    for (int64_t i = 0; i < n; ++i) {
+      batch.block[i] = blocks[first + i];
+      largest = std::max<int64_t>(largest, static_cast<int64_t>(blocks[first + i].rows) * blocks[first + i].cols);
+    }
+    const unsigned x_blocks = static_cast<unsigned>(std::min<int64_t>((largest + kThreads - 1) / kThreads, 64));
+    copy_blocks_kernel<<<dim3(x_blocks, static_cast<unsigned>(n)), kThreads, 0, s>>>(batch);
+    cudaCheckLaunch();
+  }
 }
 
 void scale_f32(float* x, int64_t n, float s_, cudaStream_t s) { launch_scale(x, n, s_, s); }

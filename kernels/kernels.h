@@ -26,6 +26,14 @@ void copy_bf16_to_f32(float* dst, int64_t ld_dst, const bf16* src, int64_t ld_sr
                       int64_t cols, cudaStream_t s);
 void copy_bf16(bf16* dst, int64_t ld_dst, const bf16* src, int64_t ld_src, int64_t rows,
                int64_t cols, cudaStream_t s);
+// Many small 2-D bf16 copies in one launch per kCopyBlocksPerLaunch (Backend::copy_batch).
+struct CopyBlock {
+  bf16* dst;
+  const bf16* src;
+  int64_t ld_dst, ld_src;
+  int32_t rows, cols;
+};
+void copy_bf16_blocks(const CopyBlock* blocks, int64_t n_blocks, cudaStream_t s);
 void scale_f32(float* x, int64_t n, float s_, cudaStream_t s);
 void scale_bf16(bf16* x, int64_t n, float s_, cudaStream_t s);
 // y += x over 2-D strided views (Backend::add).
@@ -50,14 +58,16 @@ void embedding_backward(float* dtable, const bf16* dout, const int32_t* tokens,
                         int64_t channels, cudaStream_t s);
 
 // ---- rmsnorm.cu ----------------------------------------------------------------------------------
-void residual_rmsnorm_forward(bf16* residual_out, bf16* norm_out, float* rstd,
-                              const bf16* residual_in, const bf16* delta, const bf16* weight,
-                              int64_t n_rows, int64_t channels, float eps, cudaStream_t s);
+// norm_out's rows are ld_norm apart (a fused LoRA projection's padded input); the rest contiguous.
+void residual_rmsnorm_forward(bf16* residual_out, bf16* norm_out, int64_t ld_norm, float* rstd, const bf16* residual_in,
+                              const bf16* delta, const bf16* weight, int64_t n_rows, int64_t channels, float eps,
+                              cudaStream_t s);
 // dweight_partial: scratch of rmsnorm_dweight_scratch_elems(n_rows, channels) floats.
 int64_t rmsnorm_dweight_scratch_elems(int64_t n_rows, int64_t channels);
-void rmsnorm_backward(bf16* dresidual, float* dweight, float dweight_beta, float* dweight_partial,
-                      const bf16* dnorm, const bf16* x, const bf16* weight, const float* rstd,
-                      int64_t n_rows, int64_t channels, cudaStream_t s);
+// dnorm's rows are ld_dnorm apart; the rest contiguous.
+void rmsnorm_backward(bf16* dresidual, float* dweight, float dweight_beta, float* dweight_partial, const bf16* dnorm,
+                      int64_t ld_dnorm, const bf16* x, const bf16* weight, const float* rstd, int64_t n_rows,
+                      int64_t channels, cudaStream_t s);
 
 // ---- rope.cu -------------------------------------------------------------------------------------
 // x rows of ld elements; n_heads heads of head_dim each start at column 0. sign = +1 forward,
@@ -66,9 +76,10 @@ void rope(bf16* x, int64_t ld, int64_t n_rows, int64_t n_heads, int64_t head_dim
           const int32_t* positions, const float* cos, const float* sin, float sign, cudaStream_t s);
 
 // ---- swiglu.cu -----------------------------------------------------------------------------------
-void swiglu_forward(bf16* h, const bf16* gate, const bf16* up, int64_t ld_gu, int64_t n_rows,
-                    int64_t ffn, cudaStream_t s);
-void swiglu_backward(bf16* dgate, bf16* dup, int64_t ld_dgu, const bf16* dh, const bf16* gate,
+// ld_h, ld_dh: row strides of h and dh (a fused LoRA projection's padded input and dx).
+void swiglu_forward(bf16* h, int64_t ld_h, const bf16* gate, const bf16* up, int64_t ld_gu, int64_t n_rows, int64_t ffn,
+                    cudaStream_t s);
+void swiglu_backward(bf16* dgate, bf16* dup, int64_t ld_dgu, const bf16* dh, int64_t ld_dh, const bf16* gate,
                      const bf16* up, int64_t ld_gu, int64_t n_rows, int64_t ffn, cudaStream_t s);
 
 // ---- cross_entropy.cu ----------------------------------------------------------------------------

@@ -28,9 +28,9 @@ constexpr int max_threads(int vec) { return vec == 8 ? 256 : 1024; }
 
 template <int kVec, int kChunks>
 __global__ void __launch_bounds__(max_threads(kVec))
-    residual_rmsnorm_forward_kernel(bf16* residual_out, bf16* norm_out, float* rstd,
-                                    const bf16* residual_in, const bf16* delta, const bf16* weight,
-                                    int64_t channels, float eps) {
+    residual_rmsnorm_forward_kernel(bf16* residual_out, bf16* norm_out, int64_t ld_norm, float* rstd,
+                                    const bf16* residual_in, const bf16* delta, const bf16* weight, int64_t channels,
+                                    float eps) {
   __shared__ float shared[32];
   const int64_t n_chunks = channels / kVec;
   const int64_t offset = blockIdx.x * channels;
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(max_threads(kVec))
     load_floats<kVec>(weight + c * kVec, w);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) y[j] = x[k][j] * r * w[j];
-    store_floats<kVec>(norm_out + offset + c * kVec, y);
+    store_floats<kVec>(norm_out + blockIdx.x * ld_norm + c * kVec, y);
   }
 }
 
@@ -72,9 +72,8 @@ __global__ void __launch_bounds__(max_threads(kVec))
 // dweight += dnorm * x * r.
 template <int kVec, int kChunks>
 __global__ void __launch_bounds__(max_threads(kVec))
-    rmsnorm_backward_kernel(bf16* dresidual, float* dweight_partial, const bf16* dnorm,
-                            const bf16* x, const bf16* weight, const float* rstd, int64_t n_rows,
-                            int64_t channels) {
+    rmsnorm_backward_kernel(bf16* dresidual, float* dweight_partial, const bf16* dnorm, int64_t ld_dnorm, const bf16* x,
+                            const bf16* weight, const float* rstd, int64_t n_rows, int64_t channels) {
   __shared__ float shared[32];
   const int64_t n_chunks = channels / kVec;
   float dw[kChunks][kVec];
@@ -94,7 +93,7 @@ __global__ void __launch_bounds__(max_threads(kVec))
       const int64_t c = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
       if (c >= n_chunks) continue;
       float w[kVec];
-      load_floats<kVec>(dnorm + offset + c * kVec, g[k]);
+      load_floats<kVec>(dnorm + row * ld_dnorm + c * kVec, g[k]);
       load_floats<kVec>(x + offset + c * kVec, xs[k]);
       load_floats<kVec>(weight + c * kVec, w);
 #pragma unroll
@@ -225,16 +224,16 @@ int backward_blocks(const RowSplit& split, int64_t n_rows) {
 
 // ---- Kernel launchers ---------------------------------------------------------------------------
 
-void residual_rmsnorm_forward(bf16* residual_out, bf16* norm_out, float* rstd,
-                              const bf16* residual_in, const bf16* delta, const bf16* weight,
-                              int64_t n_rows, int64_t channels, float eps, cudaStream_t s) {
+void residual_rmsnorm_forward(bf16* residual_out, bf16* norm_out, int64_t ld_norm, float* rstd, const bf16* residual_in,
+                              const bf16* delta, const bf16* weight, int64_t n_rows, int64_t channels, float eps,
+                              cudaStream_t s) {
   if (n_rows == 0) return;
-  const bool vec = channels % 8 == 0 && aligned16(norm_out) && aligned16(residual_in) &&
+  const bool vec = channels % 8 == 0 && ld_norm % 8 == 0 && aligned16(norm_out) && aligned16(residual_in) &&
                    aligned16(weight) && (!delta || (aligned16(delta) && aligned16(residual_out)));
   const RowSplit split = row_split(channels, vec);
   dispatch<ForwardKernel>(split, [&](auto kernel) {
-    kernel<<<static_cast<unsigned>(n_rows), split.threads, 0, s>>>(
-        residual_out, norm_out, rstd, residual_in, delta, weight, channels, eps);
+    kernel<<<static_cast<unsigned>(n_rows), split.threads, 0, s>>>(residual_out, norm_out, ld_norm, rstd, residual_in,
+                                                                   delta, weight, channels, eps);
   });
   cudaCheckLaunch();
 }
@@ -250,9 +249,9 @@ int64_t rmsnorm_dweight_scratch_elems(int64_t n_rows, int64_t channels) {
   return blocks * channels;
 }
 
-void rmsnorm_backward(bf16* dresidual, float* dweight, float dweight_beta, float* dweight_partial,
-                      const bf16* dnorm, const bf16* x, const bf16* weight, const float* rstd,
-                      int64_t n_rows, int64_t channels, cudaStream_t s) {
+void rmsnorm_backward(bf16* dresidual, float* dweight, float dweight_beta, float* dweight_partial, const bf16* dnorm,
+                      int64_t ld_dnorm, const bf16* x, const bf16* weight, const float* rstd, int64_t n_rows,
+                      int64_t channels, cudaStream_t s) {
   if (n_rows == 0) {
     if (dweight && dweight_beta == 0.f)
       fill_f32(dweight, channels, 0.f, s);
@@ -260,13 +259,13 @@ void rmsnorm_backward(bf16* dresidual, float* dweight, float dweight_beta, float
       scale_f32(dweight, channels, dweight_beta, s);
     return;
   }
-  const bool vec = channels % 8 == 0 && aligned16(dresidual) && aligned16(dnorm) && aligned16(x) &&
+  const bool vec = channels % 8 == 0 && ld_dnorm % 8 == 0 && aligned16(dresidual) && aligned16(dnorm) && aligned16(x) &&
                    aligned16(weight) && (!dweight || aligned16(dweight_partial));
   const RowSplit split = row_split(channels, vec);
   const int blocks = backward_blocks(split, n_rows);
   dispatch<BackwardKernel>(split, [&](auto kernel) {
-    kernel<<<blocks, split.threads, 0, s>>>(dresidual, dweight ? dweight_partial : nullptr, dnorm,
-                                            x, weight, rstd, n_rows, channels);
+    kernel<<<blocks, split.threads, 0, s>>>(dresidual, dweight ? dweight_partial : nullptr, dnorm, ld_dnorm, x, weight,
+                                            rstd, n_rows, channels);
   });
   cudaCheckLaunch();
   if (!dweight) return;

@@ -16,7 +16,7 @@ __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-
 // Rows in gridDim.y steps (rows may exceed the 65535 limit of a grid's y), columns in chunks of
 // kVec.
 template <int kVec>
-__global__ void swiglu_forward_kernel(bf16* h, const bf16* gate, const bf16* up, int64_t ld_gu,
+__global__ void swiglu_forward_kernel(bf16* h, int64_t ld_h, const bf16* gate, const bf16* up, int64_t ld_gu,
                                       int64_t n_rows, int64_t ffn) {
   const int64_t n_chunks = ffn / kVec;
   for (int64_t r = blockIdx.y; r < n_rows; r += gridDim.y) {
@@ -27,22 +27,21 @@ __global__ void swiglu_forward_kernel(bf16* h, const bf16* gate, const bf16* up,
       load_floats<kVec>(up + r * ld_gu + c * kVec, u);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) out[j] = g[j] * sigmoid(g[j]) * u[j];
-      store_floats<kVec>(h + r * ffn + c * kVec, out);
+      store_floats<kVec>(h + r * ld_h + c * kVec, out);
     }
   }
 }
 
 // d silu(g)/dg = sig(g) * (1 + g * (1 - sig(g))).
 template <int kVec>
-__global__ void swiglu_backward_kernel(bf16* dgate, bf16* dup, int64_t ld_dgu, const bf16* dh,
-                                       const bf16* gate, const bf16* up, int64_t ld_gu,
-                                       int64_t n_rows, int64_t ffn) {
+__global__ void swiglu_backward_kernel(bf16* dgate, bf16* dup, int64_t ld_dgu, const bf16* dh, int64_t ld_dh,
+                                       const bf16* gate, const bf16* up, int64_t ld_gu, int64_t n_rows, int64_t ffn) {
   const int64_t n_chunks = ffn / kVec;
   for (int64_t r = blockIdx.y; r < n_rows; r += gridDim.y) {
     for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < n_chunks;
          c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
       float d[kVec], g[kVec], u[kVec], dg[kVec], du[kVec];
-      load_floats<kVec>(dh + r * ffn + c * kVec, d);
+      load_floats<kVec>(dh + r * ld_dh + c * kVec, d);
       load_floats<kVec>(gate + r * ld_gu + c * kVec, g);
       load_floats<kVec>(up + r * ld_gu + c * kVec, u);
 #pragma unroll
@@ -62,36 +61,34 @@ __global__ void swiglu_backward_kernel(bf16* dgate, bf16* dup, int64_t ld_dgu, c
 
 // ---- Kernel launchers ---------------------------------------------------------------------------
 
-void swiglu_forward(bf16* h, const bf16* gate, const bf16* up, int64_t ld_gu, int64_t n_rows,
-                    int64_t ffn, cudaStream_t s) {
+void swiglu_forward(bf16* h, int64_t ld_h, const bf16* gate, const bf16* up, int64_t ld_gu, int64_t n_rows, int64_t ffn,
+                    cudaStream_t s) {
   if (n_rows == 0 || ffn == 0) return;
-  const bool vec =
-      ffn % 8 == 0 && ld_gu % 8 == 0 && aligned16(h) && aligned16(gate) && aligned16(up);
+  const bool vec = ffn % 8 == 0 && ld_gu % 8 == 0 && ld_h % 8 == 0 && aligned16(h) && aligned16(gate) && aligned16(up);
   if (vec) {
     const int threads = threads_for(ffn / 8, kMaxThreads);
     swiglu_forward_kernel<8>
-        <<<grid_2d(n_rows, ffn / 8, threads), threads, 0, s>>>(h, gate, up, ld_gu, n_rows, ffn);
+        <<<grid_2d(n_rows, ffn / 8, threads), threads, 0, s>>>(h, ld_h, gate, up, ld_gu, n_rows, ffn);
   } else {
     const int threads = threads_for(ffn, kMaxThreads);
-    swiglu_forward_kernel<1>
-        <<<grid_2d(n_rows, ffn, threads), threads, 0, s>>>(h, gate, up, ld_gu, n_rows, ffn);
+    swiglu_forward_kernel<1><<<grid_2d(n_rows, ffn, threads), threads, 0, s>>>(h, ld_h, gate, up, ld_gu, n_rows, ffn);
   }
   cudaCheckLaunch();
 }
 
-void swiglu_backward(bf16* dgate, bf16* dup, int64_t ld_dgu, const bf16* dh, const bf16* gate,
+void swiglu_backward(bf16* dgate, bf16* dup, int64_t ld_dgu, const bf16* dh, int64_t ld_dh, const bf16* gate,
                      const bf16* up, int64_t ld_gu, int64_t n_rows, int64_t ffn, cudaStream_t s) {
   if (n_rows == 0 || ffn == 0) return;
-  const bool vec = ffn % 8 == 0 && ld_gu % 8 == 0 && ld_dgu % 8 == 0 && aligned16(dgate) &&
+  const bool vec = ffn % 8 == 0 && ld_gu % 8 == 0 && ld_dgu % 8 == 0 && ld_dh % 8 == 0 && aligned16(dgate) &&
                    aligned16(dup) && aligned16(dh) && aligned16(gate) && aligned16(up);
   if (vec) {
     const int threads = threads_for(ffn / 8, kMaxThreads);
-    swiglu_backward_kernel<8><<<grid_2d(n_rows, ffn / 8, threads), threads, 0, s>>>(
-        dgate, dup, ld_dgu, dh, gate, up, ld_gu, n_rows, ffn);
+    swiglu_backward_kernel<8><<<grid_2d(n_rows, ffn / 8, threads), threads, 0, s>>>(dgate, dup, ld_dgu, dh, ld_dh, gate,
+                                                                                    up, ld_gu, n_rows, ffn);
   } else {
     const int threads = threads_for(ffn, kMaxThreads);
-    swiglu_backward_kernel<1><<<grid_2d(n_rows, ffn, threads), threads, 0, s>>>(
-        dgate, dup, ld_dgu, dh, gate, up, ld_gu, n_rows, ffn);
+    swiglu_backward_kernel<1>
+        <<<grid_2d(n_rows, ffn, threads), threads, 0, s>>>(dgate, dup, ld_dgu, dh, ld_dh, gate, up, ld_gu, n_rows, ffn);
   }
   cudaCheckLaunch();
 }

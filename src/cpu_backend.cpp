@@ -119,13 +119,25 @@ class CpuBackend final : public Backend {
   Buffer alloc(size_t bytes) override { return Buffer(Device::cpu, bytes); }
 
   void upload(Tensor dst, const void* host) override {
-    RT_ASSERT(dst.device == Device::cpu && dst.contiguous(), "upload to " + dst.describe());
-    if (dst.nbytes()) std::memcpy(dst.data, host, dst.nbytes());
+    RT_ASSERT(dst.device == Device::cpu, "upload to " + dst.describe());
+    const size_t row = static_cast<size_t>(dst.cols()) * dtype_size(dst.dtype);
+    if (dst.contiguous()) {
+      if (dst.nbytes()) std::memcpy(dst.data, host, dst.nbytes());
+      return;
+    }
+    for (int64_t r = 0; r < dst.rows(); ++r)  // a padded weight's rows (a fused LoRA projection)
+      std::memcpy(dst.row_slice(r, 1).data, static_cast<const char*>(host) + static_cast<size_t>(r) * row, row);
   }
 
   void download(void* host, Tensor src) override {
-    RT_ASSERT(src.device == Device::cpu && src.contiguous(), "download from " + src.describe());
-    if (src.nbytes()) std::memcpy(host, src.data, src.nbytes());
+    RT_ASSERT(src.device == Device::cpu, "download from " + src.describe());
+    const size_t row = static_cast<size_t>(src.cols()) * dtype_size(src.dtype);
+    if (src.contiguous()) {
+      if (src.nbytes()) std::memcpy(host, src.data, src.nbytes());
+      return;
+    }
+    for (int64_t r = 0; r < src.rows(); ++r)
+      std::memcpy(static_cast<char*>(host) + static_cast<size_t>(r) * row, src.row_slice(r, 1).data, row);
   }
 
   void copy(Tensor dst, Tensor src) override {

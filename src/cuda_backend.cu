@@ -198,17 +198,27 @@ class CudaBackend final : public Backend {
   // Synchronizes too, so the caller may reuse the host memory at once (pinned or not).
   void upload(Tensor dst, const void* host) override {
     use_device();
-    RT_ASSERT(dst.device == Device::cuda && dst.contiguous(), "upload to " + dst.describe());
+    RT_ASSERT(dst.device == Device::cuda, "upload to " + dst.describe());
     if (dst.nbytes() == 0) return;
-    cudaCheck(cudaMemcpyAsync(dst.data, host, dst.nbytes(), cudaMemcpyHostToDevice, stream()));
+    const size_t row = static_cast<size_t>(dst.cols()) * dtype_size(dst.dtype);
+    if (dst.contiguous())
+      cudaCheck(cudaMemcpyAsync(dst.data, host, dst.nbytes(), cudaMemcpyHostToDevice, stream()));
+    else  // a padded weight's rows (a fused LoRA projection)
+      cudaCheck(cudaMemcpy2DAsync(dst.data, static_cast<size_t>(dst.ld()) * dtype_size(dst.dtype), host, row, row,
+                                  static_cast<size_t>(dst.rows()), cudaMemcpyHostToDevice, stream()));
     cudaCheck(cudaStreamSynchronize(stream()));
   }
 
   void download(void* host, Tensor src) override {
     use_device();
-    RT_ASSERT(src.device == Device::cuda && src.contiguous(), "download from " + src.describe());
+    RT_ASSERT(src.device == Device::cuda, "download from " + src.describe());
     if (src.nbytes() == 0) return;
-    cudaCheck(cudaMemcpyAsync(host, src.data, src.nbytes(), cudaMemcpyDeviceToHost, stream()));
+    const size_t row = static_cast<size_t>(src.cols()) * dtype_size(src.dtype);
+    if (src.contiguous())
+      cudaCheck(cudaMemcpyAsync(host, src.data, src.nbytes(), cudaMemcpyDeviceToHost, stream()));
+    else
+      cudaCheck(cudaMemcpy2DAsync(host, row, src.data, static_cast<size_t>(src.ld()) * dtype_size(src.dtype), row,
+                                  static_cast<size_t>(src.rows()), cudaMemcpyDeviceToHost, stream()));
     cudaCheck(cudaStreamSynchronize(stream()));
   }
 
@@ -238,6 +248,21 @@ class CudaBackend final : public Backend {
                                   static_cast<size_t>(cols) * size, static_cast<size_t>(rows),
                                   cudaMemcpyDefault, stream()));
     }
+  }
+
+  // The fused LoRA projections' B blocks, refreshed before every forward: one launch per 64.
+  void copy_batch(const std::vector<std::pair<Tensor, Tensor>>& dst_src) override {
+    use_device();
+    std::vector<kernels::CopyBlock> blocks;
+    blocks.reserve(dst_src.size());
+    for (const auto& [dst, src] : dst_src) {
+      check_matrix(src, DType::bf16, dst.rows(), dst.cols(), "copy_batch src");
+      check(dst, DType::bf16, "copy_batch dst");
+      RT_ASSERT(dst.rows() <= INT_MAX && dst.cols() <= INT_MAX, "copy_batch block " + dst.describe());
+      blocks.push_back({dst.ptr<bf16>(), src.ptr<bf16>(), dst.ld(), src.ld(), static_cast<int32_t>(dst.rows()),
+                        static_cast<int32_t>(dst.cols())});
+    }
+    kernels::copy_bf16_blocks(blocks.data(), static_cast<int64_t>(blocks.size()), stream());
   }
 
   void fill(Tensor dst, float value) override {
@@ -375,8 +400,7 @@ class CudaBackend final : public Backend {
     use_device();
     const int64_t n_rows = residual_in.rows(), channels = residual_in.cols();
     check_contiguous(residual_in, DType::bf16, n_rows * channels, "rmsnorm residual_in");
-    check_contiguous(norm_out, DType::bf16, n_rows * channels, "rmsnorm norm_out");
-    RT_ASSERT(norm_out.cols() == channels, "rmsnorm norm_out " + norm_out.describe());
+    check_matrix(norm_out, DType::bf16, n_rows, channels, "rmsnorm norm_out");
     check_contiguous(rstd, DType::f32, n_rows, "rmsnorm rstd");
     check_contiguous(weight, DType::bf16, channels, "rmsnorm weight");
     if (!delta.empty()) {
@@ -385,10 +409,9 @@ class CudaBackend final : public Backend {
       RT_ASSERT(delta.cols() == channels && residual_out.cols() == channels,
                 "rmsnorm delta " + delta.describe() + ", residual_out " + residual_out.describe());
     }
-    kernels::residual_rmsnorm_forward(delta.empty() ? nullptr : residual_out.ptr<bf16>(),
-                                      norm_out.ptr<bf16>(), rstd.ptr<float>(),
-                                      residual_in.ptr<bf16>(), data_or_null<bf16>(delta),
-                                      weight.ptr<bf16>(), n_rows, channels, eps, stream());
+    kernels::residual_rmsnorm_forward(delta.empty() ? nullptr : residual_out.ptr<bf16>(), norm_out.ptr<bf16>(),
+                                      norm_out.ld(), rstd.ptr<float>(), residual_in.ptr<bf16>(),
+                                      data_or_null<bf16>(delta), weight.ptr<bf16>(), n_rows, channels, eps, stream());
   }
 
   // dresidual may alias dnorm: the kernel reads a row's dnorm before it writes the row.
@@ -398,9 +421,8 @@ class CudaBackend final : public Backend {
     const int64_t n_rows = x.rows(), channels = x.cols();
     check_contiguous(x, DType::bf16, n_rows * channels, "rmsnorm x");
     check_contiguous(dresidual, DType::bf16, n_rows * channels, "rmsnorm dresidual");
-    check_contiguous(dnorm, DType::bf16, n_rows * channels, "rmsnorm dnorm");
-    RT_ASSERT(dresidual.cols() == channels && dnorm.cols() == channels,
-              "rmsnorm dresidual " + dresidual.describe() + ", dnorm " + dnorm.describe());
+    check_matrix(dnorm, DType::bf16, n_rows, channels, "rmsnorm dnorm");
+    RT_ASSERT(dresidual.cols() == channels, "rmsnorm dresidual " + dresidual.describe());
     check_contiguous(weight, DType::bf16, channels, "rmsnorm weight");
     check_contiguous(rstd, DType::f32, n_rows, "rmsnorm rstd");
     float* partial = nullptr;
@@ -410,9 +432,9 @@ class CudaBackend final : public Backend {
       partial = static_cast<float*>(
           rmsnorm_scratch_.get(static_cast<size_t>(elems) * sizeof(float), stream()));
     }
-    kernels::rmsnorm_backward(dresidual.ptr<bf16>(), data_or_null<float>(dweight), dweight_beta,
-                              partial, dnorm.ptr<bf16>(), x.ptr<bf16>(), weight.ptr<bf16>(),
-                              rstd.ptr<float>(), n_rows, channels, stream());
+    kernels::rmsnorm_backward(dresidual.ptr<bf16>(), data_or_null<float>(dweight), dweight_beta, partial,
+                              dnorm.ptr<bf16>(), dnorm.ld(), x.ptr<bf16>(), weight.ptr<bf16>(), rstd.ptr<float>(),
+                              n_rows, channels, stream());
   }
 
   // ---- GEMM ----------------------------------------------------------------------------------
@@ -535,10 +557,8 @@ class CudaBackend final : public Backend {
     check_matrix(up, DType::bf16, n_rows, ffn, "swiglu up");
     RT_ASSERT(up.ld() == gate.ld(), "swiglu gate " + gate.describe() + " and up " + up.describe() +
                                         " must share a row stride (halves of one gate_up)");
-    check_contiguous(h, DType::bf16, n_rows * ffn, "swiglu h");
-    RT_ASSERT(h.cols() == ffn, "swiglu h " + h.describe());
-    kernels::swiglu_forward(h.ptr<bf16>(), gate.ptr<bf16>(), up.ptr<bf16>(), gate.ld(), n_rows, ffn,
-                            stream());
+    check_matrix(h, DType::bf16, n_rows, ffn, "swiglu h");
+    kernels::swiglu_forward(h.ptr<bf16>(), h.ld(), gate.ptr<bf16>(), up.ptr<bf16>(), gate.ld(), n_rows, ffn, stream());
   }
 
   void swiglu_backward(Tensor dgate, Tensor dup, Tensor dh, Tensor gate, Tensor up) override {
@@ -550,10 +570,9 @@ class CudaBackend final : public Backend {
     check_matrix(dup, DType::bf16, n_rows, ffn, "swiglu dup");
     RT_ASSERT(up.ld() == gate.ld() && dup.ld() == dgate.ld(),
               "swiglu gate/up and dgate/dup must be halves of one buffer each");
-    check_contiguous(dh, DType::bf16, n_rows * ffn, "swiglu dh");
-    RT_ASSERT(dh.cols() == ffn, "swiglu dh " + dh.describe());
-    kernels::swiglu_backward(dgate.ptr<bf16>(), dup.ptr<bf16>(), dgate.ld(), dh.ptr<bf16>(),
-                             gate.ptr<bf16>(), up.ptr<bf16>(), gate.ld(), n_rows, ffn, stream());
+    check_matrix(dh, DType::bf16, n_rows, ffn, "swiglu dh");
+    kernels::swiglu_backward(dgate.ptr<bf16>(), dup.ptr<bf16>(), dgate.ld(), dh.ptr<bf16>(), dh.ld(), gate.ptr<bf16>(),
+                             up.ptr<bf16>(), gate.ld(), n_rows, ffn, stream());
   }
 
   // ---- cross-entropy ---------------------------------------------------------------------------

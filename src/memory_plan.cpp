@@ -150,8 +150,16 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
     p.notes.weights = "base: " + millions(linear_numel) + " linear params NF4 (" + format_bytes(nf4) + "), " +
                       millions(here_numel - linear_numel) + " embedding/norm/head params " + act_name;
   } else {
-    p.weights += alloc(here_numel * act);
+    // Fused LoRA: a targeted projection's weight rows carry its adapters' B blocks (zero elsewhere).
+    const std::array<int64_t, kFusedProjections> pad =
+        o.lora ? lora_pad_per_projection(o.lora_targets, o.lora_r) : std::array<int64_t, kFusedProjections>{};
+    int64_t padding = 0;
+    for (const ParamSpec& spec : base)
+      if (here(spec) && is_linear_weight(spec) && spec.layer >= 0)
+        padding += spec.shape[0] * pad[static_cast<size_t>(fused_projection_of_tensor(spec.name))];
+    p.weights += alloc((here_numel + padding) * act);
     p.notes.weights = "base: " + millions(here_numel) + " params " + act_name;
+    if (padding) p.notes.weights += " (rows padded for the adapters' B: " + format_bytes(padding * act) + ")";
   }
   if (o.lora && first) {
     p.weights += alloc(p.lora_params * act);
@@ -236,6 +244,9 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   const std::array<int64_t, kFusedProjections> group_modules =
       o.lora ? lora_modules_per_projection(o.lora_targets) : std::array<int64_t, kFusedProjections>{};
   const int64_t widest_group = std::max<int64_t>(1, *std::max_element(group_modules.begin(), group_modules.end()));
+  // Fused LoRA: each projection's input and dx are wider by its padding (xa, dy B live there).
+  const std::array<int64_t, kFusedProjections> pad =
+      o.lora ? lora_pad_per_projection(o.lora_targets, o.lora_r) : std::array<int64_t, kFusedProjections>{};
   p.loss_chunk_rows = chunk;
   const int64_t r = std::max<int64_t>(o.lora_r, 1);
   const int64_t drop_rows = o.lora_dropout > 0 ? N : 1, widest = std::max({C, F, Q});
@@ -245,15 +256,16 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
                                    + 2 * carved(N * C, act) + carved(N, 4)  // x_final, ln_final, rstd_final
                                    + carved(N, 4)                           // losses
                              : 0;
-  const int64_t globals = head + 2 * carved(N, 4)                                 // positions, doc_ids
-                          + 2 * carved(T * (a.head_dim / 2), 4)                   // rope cos, sin
-                          + carved(N * C, act)                                    // delta
-                          + p.logits_chunk                                        // logits, dlogits
-                          + carved(N * C, act) + carved(N * std::max(C, Q), act)  // dres, dln
-                          + carved(N * QKV, act) + carved(N * Q, act)             // dqkv, datt
-                          + carved(N * F, act)                                    // dh (dgu overwrites gu)
-                          + carved(N * widest_group * r, act)                     // dxa (a projection's modules)
-                          + 2 * carved(drop_rows * widest, act);                  // drop_scratch, lora_tmp
+  const int64_t globals = head + 2 * carved(N, 4)                                       // positions, doc_ids
+                          + 2 * carved(T * (a.head_dim / 2), 4)                         // rope cos, sin
+                          + carved(N * C, act)                                          // delta
+                          + p.logits_chunk                                              // logits, dlogits
+                          + carved(N * C, act)                                          // dres
+                          + carved(N * std::max(C + std::max(pad[0], pad[2]), Q), act)  // dln
+                          + carved(N * QKV, act) + carved(N * (Q + pad[1]), act)        // dqkv, datt
+                          + carved(N * (F + pad[3]), act)                               // dh (dgu overwrites gu)
+                          + carved(N * widest_group * r, act)                           // dxa (a projection's modules)
+                          + 2 * carved(drop_rows * widest, act);                        // drop_scratch, lora_tmp
   alloc(globals);
   // Data-parallel full fine-tuning of a tied embedding: every rank's lookup rows and token ids
   // (LlamaModel::EmbeddingRows).
@@ -268,20 +280,15 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   const int64_t inputs = alloc(device_inputs * layer_input);
   if (offload) p.host_pinned = a.n_layers * N * C * act;
   // Per-layer sets: one per layer, or one recompute set with checkpointing.
-  // LoRA xa: one [N, modules * r] buffer per fused projection with adapters (q,k,v | o | gate,up | down).
-  int64_t lora_xa = 0;
-  for (const int64_t g : group_modules)
-    if (g > 0) lora_xa += carved(N * g * r, act);
   const int64_t n_sets = o.checkpointing == Checkpointing::off ? layers : 1;
   // The attention block's tensors: in every set, or under keep_attention kept for every layer apart.
-  const int64_t attention = carved(N * QKV, act) + carved(N * Q, act)  // qkv, att
-                            + carved(B * H * T, 4)                     // lse
-                            + carved(N * C, act);                      // x_mid
+  const int64_t attention = carved(N * QKV, act) + carved(N * (Q + pad[1]), act)  // qkv, att
+                            + carved(B * H * T, 4)                                // lse
+                            + carved(N * C, act);                                 // x_mid
   const bool keep_attention = o.checkpointing == Checkpointing::keep_attention;
-  const int64_t set = carved(N * C, act) + carved(N, 4)              // ln1, rstd1
-                      + carved(N * C, act) + carved(N, 4)            // ln2, rstd2
-                      + carved(N * 2 * F, act) + carved(N * F, act)  // gu, h
-                      + lora_xa                                      // LoRA xa per fused projection
+  const int64_t set = carved(N * (C + pad[0]), act) + carved(N, 4)              // ln1, rstd1
+                      + carved(N * (C + pad[2]), act) + carved(N, 4)            // ln2, rstd2
+                      + carved(N * 2 * F, act) + carved(N * (F + pad[3]), act)  // gu, h
                       + (keep_attention ? 0 : attention);
   for (int64_t i = 0; i < n_sets; ++i) alloc(set);
   const int64_t kept = keep_attention ? layers : 0;

@@ -108,6 +108,11 @@ Tensor ParamGroup::compute_view(const ParamSpec& p) const {
   return stage_views[static_cast<size_t>(spec - specs.data())];
 }
 Tensor ParamGroup::grad_view(const ParamSpec& p) const { return grad.flat_slice(p.offset, p.numel); }
+size_t ParamGroup::compute_bytes() const {
+  size_t n = compute_buf.bytes();
+  for (const Buffer& b : stage_bufs) n += b.bytes();
+  return n;
+}
 Tensor ParamGroup::master_view(const ParamSpec& p) const { return master.flat_slice(p.offset, p.numel); }
 
 namespace {
@@ -189,8 +194,10 @@ struct LlamaModel::LinearPart {
 // its contribution to dx.
 struct LlamaModel::LoraGroup {
   std::vector<LinearPart> parts;
-  Tensor a, grad_a, xa;
+  Tensor a, grad_a, xa;  // xa: in the padding columns of the projection's input
   std::vector<int> slots_a;
+  int64_t pad = 0;     // the padding columns of the input, dx and (fused) the weight's rows
+  bool fused = false;  // the base weight's padding holds B: one GEMM for base and adapters
 };
 
 struct LlamaModel::LayerActs {
@@ -311,7 +318,16 @@ void LlamaModel::build_params() {
   base_.specs = llama_param_layout(a);
   base_.numel = base_.specs.back().offset + base_.specs.back().numel;
   quant_.resize(base_.specs.size());
-  if (stages_.size() == 1 && !opt_.load_in_4bit) {
+  // Fused LoRA: the rows of a targeted projection's bf16 weights are padded to hold its B blocks.
+  if (opt_.lora) lora_pad_ = lora_pad_per_projection(opt_.lora_targets, opt_.lora_r);
+  fused_weights_ = opt_.lora && !opt_.load_in_4bit;
+  const auto row_pad = [&](const ParamSpec& p) -> int64_t {
+    const int g = fused_projection_of_tensor(p.name);
+    return fused_weights_ && is_layer_linear(p) && g >= 0 ? lora_pad_[static_cast<size_t>(g)] : 0;
+  };
+  const bool padded =
+      std::any_of(base_.specs.begin(), base_.specs.end(), [&](const ParamSpec& p) { return row_pad(p) > 0; });
+  if (stages_.size() == 1 && !opt_.load_in_4bit && !padded) {
     base_.compute_buf = be_.alloc(static_cast<size_t>(base_.numel) * dtype_size(act));
     base_.compute = base_.compute_buf.as(act, {base_.numel});
   } else {
@@ -327,15 +343,23 @@ void LlamaModel::build_params() {
     for (const auto& p : base_.specs) {
       int64_t& n = stage_numel[static_cast<size_t>(p.layer >= 0 ? layer_stage_[static_cast<size_t>(p.layer)] : 0)];
       at.push_back(n);
-      if (!(opt_.load_in_4bit && is_layer_linear(p))) n += p.numel;
+      if (!(opt_.load_in_4bit && is_layer_linear(p))) n += p.numel + (row_pad(p) ? p.shape[0] * row_pad(p) : 0);
     }
+    // Zero-filled (alloc), so the padding columns no adapter uses stay 0.
     for (size_t st = 0; st < stages_.size(); ++st)
       base_.stage_bufs.push_back(stages_[st].be->alloc(static_cast<size_t>(stage_numel[st]) * dtype_size(act)));
     for (size_t i = 0; i < base_.specs.size(); ++i) {
       const ParamSpec& p = base_.specs[i];
       const Buffer& buf = base_.stage_bufs[static_cast<size_t>(p.layer >= 0 ? layer_stage_[static_cast<size_t>(p.layer)] : 0)];
-      if (opt_.load_in_4bit && is_layer_linear(p)) base_.stage_views.push_back(Tensor());
-      else base_.stage_views.push_back(buf.as(act, {p.numel}, static_cast<size_t>(at[i]) * dtype_size(act)));
+      const size_t byte_offset = static_cast<size_t>(at[i]) * dtype_size(act);
+      if (opt_.load_in_4bit && is_layer_linear(p)) {
+        base_.stage_views.push_back(Tensor());
+      } else if (row_pad(p) > 0) {
+        Tensor t = buf.as(act, {p.shape[0], p.shape[1] + row_pad(p)}, byte_offset).col_slice(0, p.shape[1]);
+        base_.stage_views.push_back(t);
+      } else {
+        base_.stage_views.push_back(buf.as(act, {p.numel}, byte_offset));
+      }
     }
   }
   const int global_bucket = static_cast<int>(a.n_layers);
@@ -418,6 +442,9 @@ void LlamaModel::allocate_activations() {
   const std::array<int64_t, kFusedProjections> group_modules =
       opt_.lora ? lora_modules_per_projection(opt_.lora_targets) : std::array<int64_t, kFusedProjections>{};
   const int64_t widest_group = std::max<int64_t>(1, *std::max_element(group_modules.begin(), group_modules.end()));
+  // Fused LoRA: each projection's input (ln1, att, ln2, h) and dx (dln, datt, dh) is that many
+  // columns wider; its adapters' xa, and in backward dy B, live there.
+  const std::array<int64_t, kFusedProjections>& pad = lora_pad_;
   loss_chunk_ = loss_chunk_rows(a, opt_.train_base, N, static_cast<int64_t>(dtype_size(act)), opt_.loss_chunk_rows);
 
   // Sizes are listed once, then carved out of one buffer per group, on the stage's backend.
@@ -479,14 +506,16 @@ void LlamaModel::allocate_activations() {
                    {&st.rope_sin, DType::f32, {T_, a.head_dim / 2}},
                    {&st.delta, act, {N, C}},
                    {&st.dres, act, {N, C}},
-                   {&st.dln, act, {N, std::max(C, a.q_dim())}},
+                   {&st.dln, act, {N, std::max(C + std::max(pad[0], pad[2]), a.q_dim())}},
                    {&st.dqkv, act, {N, a.qkv_dim()}},
-                   {&st.datt, act, {N, a.q_dim()}},
-                   {&st.dh, act, {N, F}},
+                   {&st.datt, act, {N, a.q_dim() + pad[1]}},
+                   {&st.dh, act, {N, F + pad[3]}},
                    {&st.dxa, act, {N, widest_group * std::max<int64_t>(opt_.lora_r, 1)}},
                    {&st.drop_scratch, act, {opt_.lora_dropout > 0 ? N : 1, std::max({C, F, a.q_dim()})}},
                    {&st.lora_tmp, act, {opt_.lora_dropout > 0 ? N : 1, std::max({C, F, a.q_dim()})}}});
-    st.dln = st.dln.view({N * std::max(C, a.q_dim())});
+    st.dln = st.dln.view({N * std::max(C + std::max(pad[0], pad[2]), a.q_dim())});
+    st.datt = st.datt.col_slice(0, a.q_dim());  // dx of o and of gate_up carry the adapters' dy B
+    st.dh = st.dh.col_slice(0, F);
     if (opt_.load_in_4bit)
       carve(*st.be, {{&st.weight_scratch, act, {C * std::max({a.qkv_dim(), a.q_dim(), 2 * F, F})}}});
     st.be->upload(st.rope_cos, cosv.data());
@@ -524,7 +553,7 @@ void LlamaModel::allocate_activations() {
   // The attention block's outputs: in the layer's set, or under keep_attention apart, per layer.
   const auto attention_wants = [&](LayerActs& A) {
     return std::vector<Want>{{&A.qkv, act, {N, a.qkv_dim()}},
-                             {&A.att, act, {N, a.q_dim()}},
+                             {&A.att, act, {N, a.q_dim() + pad[1]}},
                              {&A.lse, DType::f32, {B_, H, T_}},
                              {&A.x_mid, act, {N, C}}};
   };
@@ -533,34 +562,41 @@ void LlamaModel::allocate_activations() {
   layer_acts_.resize(static_cast<size_t>(a.n_layers));
   std::vector<LayerActs> sets(static_cast<size_t>(n_sets));
   const int64_t r = std::max<int64_t>(opt_.lora_r, 1);
-  std::vector<Tensor> xa_sets(static_cast<size_t>(n_sets * kFusedProjections));
   for (int set = 0; set < n_sets; ++set) {
     LayerActs& A = sets[static_cast<size_t>(set)];
-    std::vector<Want> wants = {{&A.ln1, act, {N, C}},       {&A.rstd1, DType::f32, {N}}, {&A.ln2, act, {N, C}},
-                               {&A.rstd2, DType::f32, {N}}, {&A.gu, act, {N, 2 * F}},    {&A.h, act, {N, F}}};
+    std::vector<Want> wants = {{&A.ln1, act, {N, C + pad[0]}}, {&A.rstd1, DType::f32, {N}},
+                               {&A.ln2, act, {N, C + pad[2]}}, {&A.rstd2, DType::f32, {N}},
+                               {&A.gu, act, {N, 2 * F}},       {&A.h, act, {N, F + pad[3]}}};
     if (!keep_attention) {
       const std::vector<Want> attention = attention_wants(A);
       wants.insert(wants.end(), attention.begin(), attention.end());
     }
-    for (int g = 0; g < kFusedProjections; ++g)
-      if (group_modules[static_cast<size_t>(g)] > 0)
-        wants.push_back({&xa_sets[static_cast<size_t>(set * kFusedProjections + g)],
-                         act,
-                         {N, group_modules[static_cast<size_t>(g)] * r}});
     carve(ckpt ? *stages_[static_cast<size_t>(set)].be : be(set), wants);
+    A.ln1 = A.ln1.col_slice(0, C);
+    A.ln2 = A.ln2.col_slice(0, C);
+    A.h = A.h.col_slice(0, F);
+    if (!keep_attention) A.att = A.att.col_slice(0, a.q_dim());
   }
 
   // Wire each layer to its activation set (and its kept attention block) and its LoRA parts.
+  lora_b_blocks_.assign(stages_.size(), {});
   for (int l = 0; l < a.n_layers; ++l) {
     const int set = set_of(l);
     LayerActs& A = layer_acts_[static_cast<size_t>(l)];
     A = sets[static_cast<size_t>(set)];
-    if (keep_attention) carve(be(l), attention_wants(A));
+    if (keep_attention) {
+      carve(be(l), attention_wants(A));
+      A.att = A.att.col_slice(0, a.q_dim());
+    }
     if (!opt_.lora) continue;
     LoraGroup* const groups[kFusedProjections] = {&A.qkv_lora, &A.o_lora, &A.gate_up_lora, &A.down_lora};
+    const Tensor inputs[kFusedProjections] = {A.ln1, A.att, A.ln2, A.h};
+    static const char* const weights[kFusedProjections] = {"self_attn.qkv", "self_attn.o_proj.weight", "mlp.gate_up",
+                                                           "mlp.down_proj.weight"};
     for (int g = 0; g < kFusedProjections; ++g) {
       LoraGroup& group = *groups[g];
-      const Tensor& xa_all = xa_sets[static_cast<size_t>(set * kFusedProjections + g)];
+      const int64_t in_cols = inputs[g].cols(), width = group_modules[static_cast<size_t>(g)] * r;
+      const Tensor xa_all = inputs[g].with_cols(in_cols + width).col_slice(in_cols, width);
       const ParamSpec* first_a = nullptr;
       for (int site = 0; site < static_cast<int>(lora_module_names().size()); ++site) {
         const std::string& m = lora_module_names()[static_cast<size_t>(site)];
@@ -594,6 +630,17 @@ void LlamaModel::allocate_activations() {
       group.a = as_matrix(lora_.compute.flat_slice(first_a->offset, rows * in), rows, in);
       if (!lora_.grad.empty()) group.grad_a = as_matrix(lora_.grad.flat_slice(first_a->offset, rows * in), rows, in);
       group.xa = xa_all;
+      group.pad = pad[static_cast<size_t>(g)];
+      group.fused = fused_weights_;
+      if (!group.fused) continue;
+      // Each part's B goes into its rows of the weight's padding, at its columns of xa.
+      const Tensor w = base_weight(l, weights[g]);
+      const Tensor b_columns = w.with_cols(w.cols() + group.pad).col_slice(w.cols(), width);
+      for (size_t j = 0; j < group.parts.size(); ++j) {
+        const LinearPart& part = group.parts[j];
+        lora_b_blocks_[static_cast<size_t>(layer_stage_[static_cast<size_t>(l)])].emplace_back(
+            b_columns.row_slice(part.col, part.out).col_slice(static_cast<int64_t>(j) * r, r), part.b);
+      }
     }
   }
 }
@@ -632,13 +679,15 @@ Tensor LlamaModel::base_weight(int l, const std::string& suffix) {
     const ParamSpec* first = base_.find("model.layers." + std::to_string(l) + (qkv ? ".self_attn.q_proj.weight" : ".mlp.gate_proj.weight"));
     const int64_t rows = qkv ? a.qkv_dim() : 2 * a.intermediate_size;
     const Tensor at = base_.compute_view(*first);
-    return Tensor(at.data, at.dtype, at.device, {rows, a.hidden_size});
+    Tensor fused(at.data, at.dtype, at.device, {rows, a.hidden_size});
+    if (at.ndim == 2) fused.row_stride = at.ld();  // padded rows (fused LoRA)
+    return fused;
   }
   const std::string name = l < 0 ? suffix : "model.layers." + std::to_string(l) + "." + suffix;
   const ParamSpec* p = base_.find(name);
   RT_ASSERT(p, "no parameter " + name);
   Tensor t = base_.compute_view(*p);
-  return p->shape.size() == 2 ? as_matrix(t, p->shape[0], p->shape[1]) : t;
+  return p->shape.size() == 2 && t.ndim != 2 ? as_matrix(t, p->shape[0], p->shape[1]) : t;
 }
 
 // QLoRA: the NF4 weights of `parts` (adjacent rows of one fused projection) dequantized, one after
@@ -814,32 +863,47 @@ void LlamaModel::upload_inputs(const ModelInputs& in) {
   }
 }
 
-// y = x W^T (+ the LoRA parts: y[:, col:col+out] += s * drop(x) A^T B^T). With y empty only the
-// LoRA products xa = drop(x) A^T are computed (what backward needs from a recompute).
+// y = x W^T (+ the LoRA parts: y[:, col:col+out] += s drop(x) A^T B^T). The parts' products
+// xa = s drop(x) A^T go first, into x's padding columns; with y empty only they are computed (what
+// backward needs from a recompute).
+//
+// Fused (LoRA over bf16 weights): forward() has copied each part's B into the weight's padding, at
+// the rows of its output columns and the columns of its xa, so one GEMM over both,
+// [x | xa] [W | B]^T, adds the adapters' product to the base one: no GEMM of their own over y, and
+// no second pass over y. Over NF4 weights the parts' B products write y first and the base GEMM
+// adds x W^T in its epilogue (or the other way round when the parts leave columns uncovered).
 void LlamaModel::linear_forward(Tensor y, Tensor x, int l, const LoraGroup& lora, Tensor weight,
                                 uint64_t dropout_seed) {
   Backend& b = be(l);
   const std::vector<LinearPart>& parts = lora.parts;
-  // When the adapters cover every output column they go first, writing y, and the base GEMM adds
-  // x W^T in its epilogue (beta 1): the adapters' K = r GEMMs are bound by memory traffic, and this
-  // spares each of them a read of its slice of y. Otherwise the base GEMM writes y first.
-  int64_t covered = 0;
-  for (const LinearPart& part : parts) covered += part.out;
-  const bool adapters_first = !y.empty() && covered == y.cols();
-  if (!y.empty() && !adapters_first) b.matmul(y, x, weight, false, true, 1.f, 0.f);
+  const float s = opt_.lora_scaling;
   const bool dropout = opt_.lora_dropout > 0 && training_;
   // Without dropout every part sees the same x: one GEMM for all their xa.
-  if (!parts.empty() && !dropout) b.matmul(lora.xa.row_slice(0, N_), x, lora.a, false, true, 1.f, 0.f);
+  if (!parts.empty() && !dropout) b.matmul(lora.xa.row_slice(0, N_), x, lora.a, false, true, s, 0.f);
   for (const LinearPart& part : parts) {
-    Tensor xa = part.xa.row_slice(0, N_);
-    if (dropout) {
-      Tensor xin = stage(l).drop_scratch.row_slice(0, N_).col_slice(0, x.cols());
-      b.dropout(xin, x, opt_.lora_dropout, mix_seed(dropout_seed, static_cast<uint64_t>(l), static_cast<uint64_t>(part.module_index)));
-      b.matmul(xa, xin, part.a, false, true, 1.f, 0.f);
-    }
-    if (!y.empty())
-      b.matmul(y.col_slice(part.col, part.out), xa, part.b, false, true, opt_.lora_scaling, adapters_first ? 0.f : 1.f);
+    if (!dropout) break;
+    Tensor xin = stage(l).drop_scratch.row_slice(0, N_).col_slice(0, x.cols());
+    b.dropout(xin, x, opt_.lora_dropout,
+              mix_seed(dropout_seed, static_cast<uint64_t>(l), static_cast<uint64_t>(part.module_index)));
+    b.matmul(part.xa.row_slice(0, N_), xin, part.a, false, true, s, 0.f);
   }
+  if (y.empty()) return;
+  if (parts.empty()) {
+    b.matmul(y, x, weight, false, true, 1.f, 0.f);
+    return;
+  }
+  if (lora.fused) {
+    const int64_t k = x.cols() + lora.pad;
+    b.matmul(y, x.with_cols(k), weight.with_cols(k), false, true, 1.f, 0.f);
+    return;
+  }
+  int64_t covered = 0;
+  for (const LinearPart& part : parts) covered += part.out;
+  const bool adapters_first = covered == y.cols();
+  if (!adapters_first) b.matmul(y, x, weight, false, true, 1.f, 0.f);
+  for (const LinearPart& part : parts)
+    b.matmul(y.col_slice(part.col, part.out), part.xa.row_slice(0, N_), part.b, false, true, 1.f,
+             adapters_first ? 0.f : 1.f);
   if (adapters_first) b.matmul(y, x, weight, false, true, 1.f, 1.f);
 }
 
@@ -940,8 +1004,13 @@ void LlamaModel::forward(const ModelInputs& in, bool training, uint64_t dropout_
                         base_weight(-1, "model.embed_tokens.weight"));
   const bool offload = training && !host_inputs_.empty();
   for (int l = 0; l <= last; ++l) {
-    // A stage starts when the previous one has written its first layer's input.
-    if (l > 0 && layer_stage_[static_cast<size_t>(l)] != layer_stage_[static_cast<size_t>(l - 1)]) be(l).wait_for(be(l - 1));
+    // A stage starts when the previous one has written its first layer's input, and its fused LoRA
+    // weights take the adapters' current B matrices (the optimizer's, or set_tensor's).
+    const int st = layer_stage_[static_cast<size_t>(l)];
+    const bool stage_start = l == 0 || st != layer_stage_[static_cast<size_t>(l - 1)];
+    if (l > 0 && stage_start) be(l).wait_for(be(l - 1));
+    if (stage_start && !lora_b_blocks_[static_cast<size_t>(st)].empty())
+      be(l).copy_batch(lora_b_blocks_[static_cast<size_t>(st)]);
     if (offload) {
       // Layer l's input is complete: off to the host while the layer runs. The layer ends by writing
       // layer l+1's input into the slot that held layer l-1's, whose copy must be done by then.
@@ -1088,38 +1157,53 @@ std::vector<float> LlamaModel::head_logits(int64_t n_rows) {
 // ---- backward ---------------------------------------------------------------------------------------------
 
 // Given dy = d loss / d y for y = x W^T (+ LoRA parts): dx = dy W (+ LoRA), written (not
-// accumulated) when dx is non-empty; the weight's and adapters' gradients through the ledger.
+// accumulated) when dx is non-empty; the weight's and adapters' gradients through the ledger. With
+// u = dy B per part, side by side in [N, parts * r], and xa = s drop(x) A^T from the forward:
+// dB = dy^T xa, dA = s u^T drop(x), dx += s drop'(u A).
+// Fused, the dgrad GEMM over the padded weight, dy [W | B], writes dx and, into dx's padding, u.
 void LlamaModel::linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const LoraGroup& lora, Tensor weight,
                                  const std::vector<int>& weight_slots, uint64_t dropout_seed) {
   Backend& b = be(l);
   Stage& S = stage(l);
   const std::vector<LinearPart>& parts = lora.parts;
-  const int64_t r = opt_.lora_r;
-  // As in linear_forward: without dropout the adapters write dx first and the base GEMM adds dy W
-  // in its epilogue, sparing the first adapter a read of dx.
-  const bool dropout = opt_.lora_dropout > 0;
-  const bool adapters_first = !dx.empty() && !parts.empty() && !dropout;
-  if (!dx.empty() && !adapters_first) b.matmul(dx, dy, weight, false, false, 1.f, 0.f);
-  if (opt_.train_base && !weight_slots.empty()) {
+  if (parts.empty()) {
+    if (!dx.empty()) b.matmul(dx, dy, weight, false, false, 1.f, 0.f);
+    if (!opt_.train_base || weight_slots.empty()) return;
     const ParamSpec& first = *std::find_if(base_.specs.begin(), base_.specs.end(), [&](const ParamSpec& p) {
       return base_.slot[static_cast<size_t>(&p - base_.specs.data())] == weight_slots.front();
     });
     Tensor dw = base_.grad.flat_slice(first.offset, weight.numel()).view({weight.rows(), weight.cols()});
     write_grad(l, weight_slots, [&](float beta) { b.matmul(dw, dy, x, true, false, 1.f, beta); });
+    return;
   }
-  if (parts.empty()) return;
-  // dxa = s dy B per part, side by side in one [N, parts * r] buffer.
-  const int64_t width = static_cast<int64_t>(parts.size()) * r;
-  Tensor dxa_all = S.dxa.flat_slice(0, N_ * width).view({N_, width});
+  const int64_t r = opt_.lora_r, width = static_cast<int64_t>(parts.size()) * r;
+  const float s = opt_.lora_scaling;
+  const bool dropout = opt_.lora_dropout > 0;
+  // Unfused with dropout the parts add their dx terms one by one, onto dy W.
+  if (!dx.empty() && !lora.fused && dropout) b.matmul(dx, dy, weight, false, false, 1.f, 0.f);
+  Tensor u;
+  if (lora.fused && !dx.empty()) {
+    const int64_t k = dx.cols() + lora.pad;
+    b.matmul(dx.with_cols(k), dy, weight.with_cols(k), false, false, 1.f, 0.f);
+    u = dx.with_cols(k).col_slice(dx.cols(), width);
+  } else {
+    u = S.dxa.flat_slice(0, N_ * width).view({N_, width});
+    if (lora.fused) {
+      b.matmul(u, dy, weight.with_cols(weight.cols() + lora.pad).col_slice(weight.cols(), width), false, false, 1.f,
+               0.f);
+    } else {
+      for (size_t j = 0; j < parts.size(); ++j)
+        b.matmul(u.col_slice(static_cast<int64_t>(j) * r, r), dy.col_slice(parts[j].col, parts[j].out), parts[j].b,
+                 false, false, 1.f, 0.f);
+    }
+  }
   for (size_t j = 0; j < parts.size(); ++j) {
     const LinearPart& part = parts[j];
     Tensor dy_part = dy.col_slice(part.col, part.out);
-    Tensor xa = part.xa.row_slice(0, N_);
-    Tensor dxa = dxa_all.col_slice(static_cast<int64_t>(j) * r, r);
-    b.matmul(dxa, dy_part, part.b, false, false, opt_.lora_scaling, 0.f);  // s dy B
+    Tensor u_part = u.col_slice(static_cast<int64_t>(j) * r, r);
     if (!part.grad_b.empty())
       write_grad(l, {part.slot_b}, [&](float beta) {
-        b.matmul(part.grad_b, dy_part, xa, true, false, opt_.lora_scaling, beta);  // s dy^T xa
+        b.matmul(part.grad_b, dy_part, part.xa.row_slice(0, N_), true, false, 1.f, beta);  // dy^T xa
       });
     if (!dropout) continue;
     // With dropout each part saw its own mask of x: its A gradient and dx term one by one.
@@ -1128,20 +1212,25 @@ void LlamaModel::linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const Lo
     b.dropout(xin, x, opt_.lora_dropout, seed);
     if (!part.grad_a.empty())
       write_grad(l, {part.slot_a}, [&](float beta) {
-        b.matmul(part.grad_a, dxa, xin, true, false, 1.f, beta);  // (s dy B)^T drop(x)
+        b.matmul(part.grad_a, u_part, xin, true, false, s, beta);  // s u^T drop(x)
       });
     if (dx.empty()) continue;
     Tensor tmp = S.lora_tmp.row_slice(0, N_).col_slice(0, dx.cols());
-    b.matmul(tmp, dxa, part.a, false, false, 1.f, 0.f);
+    b.matmul(tmp, u_part, part.a, false, false, s, 0.f);
     b.dropout(tmp, tmp, opt_.lora_dropout, seed);
     b.add(dx, tmp);
   }
   if (dropout) return;
-  // Without dropout: every part's A gradient in one GEMM, (s dy B)^T x, and their dx terms in one.
+  // Without dropout: every part's A gradient in one GEMM, s u^T x, and their dx terms in one.
   if (!lora.grad_a.empty())
-    write_grad(l, lora.slots_a, [&](float beta) { b.matmul(lora.grad_a, dxa_all, x, true, false, 1.f, beta); });
+    write_grad(l, lora.slots_a, [&](float beta) { b.matmul(lora.grad_a, u, x, true, false, s, beta); });
   if (dx.empty()) return;
-  b.matmul(dx, dxa_all, lora.a, false, false, 1.f, 0.f);
+  if (lora.fused) {
+    b.matmul(dx, u, lora.a, false, false, s, 1.f);
+    return;
+  }
+  // Unfused: the adapters write dx first and the base GEMM adds dy W in its epilogue.
+  b.matmul(dx, u, lora.a, false, false, s, 0.f);
   b.matmul(dx, dy, weight, false, false, 1.f, 1.f);
 }
 
@@ -1165,7 +1254,11 @@ void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
   // d(gate_up) overwrites gate_up itself (SwiGLU's backward reads each element before writing it,
   // and nothing after needs gate_up): one [N, 2F] buffer less.
   Tensor dh = S.dh.row_slice(0, N), dgu = A.gu.row_slice(0, N);
-  Tensor dln = S.dln.flat_slice(0, N * C).view({N, C});
+  // The norms' input gradients, each projection's dx: as wide as its padding (fused LoRA's dy B).
+  const auto dln_of = [&](const LoraGroup& g) {
+    return S.dln.flat_slice(0, N * (C + g.pad)).view({N, C + g.pad}).col_slice(0, C);
+  };
+  Tensor dln_mlp = dln_of(A.gate_up_lora), dln_attention = dln_of(A.qkv_lora);
   Tensor dqkv = S.dqkv.row_slice(0, N), datt = S.datt.row_slice(0, N);
   const bool full = opt_.train_base;
   auto slots = [&](std::initializer_list<const char*> names) {
@@ -1182,9 +1275,9 @@ void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
                   slots({"mlp.down_proj.weight"}), dropout_seed);
   b.swiglu_backward(dgu.col_slice(0, F), dgu.col_slice(F, F), dh, A.gu.row_slice(0, N).col_slice(0, F),
                       A.gu.row_slice(0, N).col_slice(F, F));
-  linear_backward(dln, dgu, A.ln2.row_slice(0, N), l, A.gate_up_lora, base_weight(l, "mlp.gate_up"),
+  linear_backward(dln_mlp, dgu, A.ln2.row_slice(0, N), l, A.gate_up_lora, base_weight(l, "mlp.gate_up"),
                   slots({"mlp.gate_proj.weight", "mlp.up_proj.weight"}), dropout_seed);
-  auto norm_backward = [&](Tensor x, const char* wname, Tensor rstd) {
+  auto norm_backward = [&](Tensor dln, Tensor x, const char* wname, Tensor rstd) {
     Tensor dw;
     if (full) {
       const ParamSpec* p = base_.find("model.layers." + std::to_string(l) + "." + wname);
@@ -1196,7 +1289,7 @@ void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
       b.rmsnorm_backward(dres, Tensor(), 0.f, dln, x, base_weight(l, wname), rstd);
     }
   };
-  norm_backward(A.x_mid.row_slice(0, N), "post_attention_layernorm.weight", A.rstd2.flat_slice(0, N));
+  norm_backward(dln_mlp, A.x_mid.row_slice(0, N), "post_attention_layernorm.weight", A.rstd2.flat_slice(0, N));
 
   // Attention: o = att Wo^T; x_mid = x_in + o.
   linear_backward(datt, dres, A.att.row_slice(0, N), l, A.o_lora, base_weight(l, "self_attn.o_proj.weight"),
@@ -1212,10 +1305,10 @@ void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
   Tensor pos = S.positions.flat_slice(0, N);
   b.rope_backward(dq, pos, S.rope_cos, S.rope_sin, a.head_dim);
   b.rope_backward(dk, pos, S.rope_cos, S.rope_sin, a.head_dim);
-  linear_backward(need_dx ? dln : Tensor(), dqkv, A.ln1.row_slice(0, N), l, A.qkv_lora, base_weight(l, "self_attn.qkv"),
-                  slots({"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"}),
-                  dropout_seed);
-  if (need_dx) norm_backward(x_in, "input_layernorm.weight", A.rstd1.flat_slice(0, N));
+  linear_backward(
+      need_dx ? dln_attention : Tensor(), dqkv, A.ln1.row_slice(0, N), l, A.qkv_lora, base_weight(l, "self_attn.qkv"),
+      slots({"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"}), dropout_seed);
+  if (need_dx) norm_backward(dln_attention, x_in, "input_layernorm.weight", A.rstd1.flat_slice(0, N));
 }
 
 double LlamaModel::forward_backward(const ModelInputs& in, float grad_scale, uint64_t dropout_seed) {

@@ -73,6 +73,15 @@ Tensor Tensor::col_slice(int64_t c0, int64_t n) const {
   return t;
 }
 
+Tensor Tensor::with_cols(int64_t n) const {
+  RT_ASSERT(n >= 0 && n <= ld(), "with_cols(" + std::to_string(n) + ") past the row stride: " + describe());
+  Tensor t = *this;
+  t.row_stride = ld();
+  t.ndim = 2;
+  t.shape = {rows(), n, 0, 0};
+  return t;
+}
+
 Tensor Tensor::flat_slice(int64_t offset, int64_t n) const {
   RT_ASSERT(contiguous() && offset >= 0 && offset + n <= numel(), "flat slice out of range");
   Tensor t = *this;

@@ -115,7 +115,7 @@ TEST(MemoryPlan, EqualsWhatACpuModelAllocates) {
     EXPECT_EQ(plan.lora_params, c.lora ? model.lora().numel : 0);
     EXPECT_EQ(plan.trainable_params, model.trainable().numel);
     const int64_t lora_bytes = c.lora ? static_cast<int64_t>(model.lora().compute_buf.bytes()) : 0;
-    EXPECT_EQ(plan.weights, static_cast<int64_t>(model.base().compute_buf.bytes()) + lora_bytes);
+    EXPECT_EQ(plan.weights, static_cast<int64_t>(model.base().compute_bytes()) + lora_bytes);
     EXPECT_EQ(plan.trainable, 0) << "the CPU path's masters alias the compute copies";
     EXPECT_EQ(model.trainable().master.data, model.trainable().compute.data);
     EXPECT_EQ(plan.gradients, static_cast<int64_t>(model.trainable().grad_buf.bytes()));

@@ -42,7 +42,7 @@ ModelOptions tiny(bool four_bit) {
 
 }  // namespace
 
-TEST(QLoRA, Nf4ModelEqualsAModelHoldingTheDequantizedWeights) {
+TEST(QLoRA, Nf4ModelMatchesAModelHoldingTheDequantizedWeights) {
   auto be = make_cpu_backend();
   LlamaModel q(*be, tiny(true)), plain(*be, tiny(false));
   q.init_base_random(3);
@@ -92,8 +92,16 @@ TEST(QLoRA, Nf4ModelEqualsAModelHoldingTheDequantizedWeights) {
     models[i]->ledger().end_micro();
     models[i]->ledger().end_step();
   }
-  EXPECT_EQ(losses[0], losses[1]);
-  for (const auto& p : q.lora().specs) EXPECT_EQ(q.get_grad(p.name), plain.get_grad(p.name)) << p.name;
+  // The plain model runs each projection and its adapters as one GEMM over [x | xa] and [W | B]
+  // (fused LoRA), the NF4 one as separate GEMMs: the same sums, added in another order.
+  EXPECT_NEAR(losses[0], losses[1], 1e-5 * std::fabs(losses[1]));
+  for (const auto& p : q.lora().specs) {
+    const std::vector<float> gq = q.get_grad(p.name), gp = plain.get_grad(p.name);
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < gq.size(); ++i) diff += (gq[i] - gp[i]) * (gq[i] - gp[i]), norm += gp[i] * gp[i];
+    EXPECT_GT(norm, 0.0) << p.name;
+    EXPECT_LT(std::sqrt(diff / norm), 1e-4) << p.name;
+  }
 }
 
 // On the CPU path (fp32 LoRA) with a short base and fine-tuning, to keep CI quick: the NF4 base

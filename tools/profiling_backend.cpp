@@ -103,6 +103,9 @@ void ProfilingBackend::download(void* host, Tensor src) {
 void ProfilingBackend::copy(Tensor dst, Tensor src) {
   timed(dst.dtype == src.dtype ? "copy" : "copy (dtype cast)", 0, [&] { inner_.copy(dst, src); });
 }
+void ProfilingBackend::copy_batch(const std::vector<std::pair<Tensor, Tensor>>& dst_src) {
+  timed("copy batch (LoRA B into the fused weights)", 0, [&] { inner_.copy_batch(dst_src); });
+}
 void ProfilingBackend::fill(Tensor dst, float value) {
   timed("fill", 0, [&] { inner_.fill(dst, value); });
 }

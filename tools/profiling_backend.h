@@ -70,6 +70,7 @@ class ProfilingBackend final : public Backend {
   void upload(Tensor dst, const void* host) override;
   void download(void* host, Tensor src) override;
   void copy(Tensor dst, Tensor src) override;
+  void copy_batch(const std::vector<std::pair<Tensor, Tensor>>& dst_src) override;
   void fill(Tensor dst, float value) override;
   void scale(Tensor x, float s) override;
   void add(Tensor y, Tensor x) override;

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ranktune/tensor.h"
@@ -74,11 +75,16 @@ class Backend {
 
   // ---- memory -------------------------------------------------------------------------------
   virtual Buffer alloc(size_t bytes) = 0;                  // zero-filled
-  virtual void upload(Tensor dst, const void* host) = 0;   // dst.nbytes() bytes, contiguous dst
-  virtual void download(void* host, Tensor src) = 0;       // contiguous src; synchronizes
+  // Host data is contiguous; the device tensor may be a 2-D strided view (a padded weight).
+  virtual void upload(Tensor dst, const void* host) = 0;   // dst.rows() x dst.cols() values
+  virtual void download(void* host, Tensor src) = 0;       // synchronizes
   virtual void copy(Tensor dst, Tensor src) = 0;           // dtype conversion allowed between f32 and
                                                            // bf16; 2-D strided ok; on the GPU src may
                                                            // be on a peer GPU (device_map auto)
+  // copy(dst, src) for every pair, same dtype: on the GPU many small bf16 copies in one launch.
+  virtual void copy_batch(const std::vector<std::pair<Tensor, Tensor>>& dst_src) {
+    for (const auto& [dst, src] : dst_src) copy(dst, src);
+  }
   virtual void fill(Tensor dst, float value) = 0;
   virtual void synchronize() = 0;
 

@@ -67,6 +67,25 @@ inline std::array<int64_t, kFusedProjections> lora_modules_per_projection(const 
   return n;
 }
 
+// Fused LoRA (LlamaModel::linear_forward): a fused projection with adapters runs as one GEMM over
+// its input and the adapters' products side by side, [x | s x A^T] [W | B]^T. Its input x and its
+// backward's dx carry this many columns past their own, and so does each row of its base weight
+// (unless NF4): the adapters' r per targeted module, rounded up to 8 (16-byte rows in bf16).
+inline std::array<int64_t, kFusedProjections> lora_pad_per_projection(const std::vector<std::string>& targets,
+                                                                      int64_t r) {
+  std::array<int64_t, kFusedProjections> pad = lora_modules_per_projection(targets);
+  for (int64_t& p : pad) p = (p * r + 7) / 8 * 8;
+  return pad;
+}
+
+// The fused projection a base tensor belongs to (by its HF name), or -1 for norms and the
+// embedding and head.
+inline int fused_projection_of_tensor(const std::string& name) {
+  for (const std::string& m : lora_module_names())
+    if (name.find("." + m + ".") != std::string::npos) return fused_projection(m);
+  return -1;
+}
+
 // A projection's weight shape, {out, in}, by its module name (q_proj ... down_proj).
 inline std::pair<int64_t, int64_t> projection_shape(const LlamaArch& a, const std::string& module) {
   int64_t in = a.hidden_size, out = a.hidden_size;

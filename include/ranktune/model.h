@@ -80,9 +80,11 @@ struct ParamGroup {
   Buffer compute_buf, master_buf, grad_buf;
   Tensor compute, master, grad;  // flat 1-D views (no flat compute view when spread over GPUs)
   std::vector<int> slot;         // ledger slot per spec (trainable groups)
-  // device_map auto: the compute copy in one buffer per GPU, a view per spec.
+  // device_map auto, NF4 or fused LoRA's padded rows: the compute copy in one buffer per GPU, a
+  // view per spec (2-D with its row stride when padded).
   std::vector<Buffer> stage_bufs;
   std::vector<Tensor> stage_views;
+  size_t compute_bytes() const;  // compute_buf and stage_bufs
   const ParamSpec* find(const std::string& name) const;
   Tensor compute_view(const ParamSpec& p) const;
   Tensor grad_view(const ParamSpec& p) const;
@@ -288,6 +290,13 @@ class LlamaModel {
   Pass pass_ = Pass::normal;
   bool training_ = false;
   int layers_recomputed_ = 0;
+  // Fused LoRA (lora_pad_per_projection, linear_forward): the extra columns of each fused
+  // projection's input and dx, and, when fused_weights_ (LoRA over bf16 weights, not NF4), of its
+  // base weight's rows, where the adapters' B matrices sit; forward() copies them there from the
+  // B compute copies first (lora_b_blocks_: per stage, pairs of padding block and B).
+  std::array<int64_t, kFusedProjections> lora_pad_{};
+  bool fused_weights_ = false;
+  std::vector<std::vector<std::pair<Tensor, Tensor>>> lora_b_blocks_;
   int64_t B_ = 0, T_ = 0, N_ = 0;
   int64_t loss_chunk_ = 0;
 };

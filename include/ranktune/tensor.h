@@ -58,6 +58,9 @@ struct Tensor {
   Tensor row_slice(int64_t r0, int64_t n) const;
   // Columns [c0, c0+n) of the matrix view (keeps the row stride).
   Tensor col_slice(int64_t c0, int64_t n) const;
+  // The same rows seen n columns wide, n <= ld(): a padded matrix with its padding columns (the
+  // fused LoRA projections keep their adapters' part there).
+  Tensor with_cols(int64_t n) const;
   // A flat range [offset, offset+n) as a 1-D tensor.
   Tensor flat_slice(int64_t offset, int64_t n) const;
   std::string describe() const;
