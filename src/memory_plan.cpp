@@ -293,12 +293,20 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   for (int64_t i = 0; i < n_sets; ++i) alloc(set);
   const int64_t kept = keep_attention ? layers : 0;
   for (int64_t i = 0; i < kept; ++i) alloc(attention);
-  p.activations = globals - p.logits_chunk + exchange + inputs + n_sets * set + kept * attention;
+  // With checkpointing and LoRA every layer keeps its xa for the recompute (one group per layer).
+  int64_t saved_xa = 0;
+  if (o.lora && o.checkpointing != Checkpointing::off) {
+    for (const int64_t g : group_modules)
+      if (g > 0) saved_xa += carved(N * g * r, act);
+    for (int64_t i = 0; i < layers; ++i) alloc(saved_xa);
+  }
+  p.activations = globals - p.logits_chunk + exchange + inputs + n_sets * set + kept * attention + layers * saved_xa;
   p.notes.activations =
       std::string("checkpointing ") + checkpointing_name(o.checkpointing) + ": " + std::to_string(device_inputs) +
       " layer inputs x " + format_bytes(layer_input) + ", " + std::to_string(n_sets) + " layer set" +
       (n_sets > 1 ? "s" : "") + " x " + format_bytes(set) +
       (kept ? ", " + std::to_string(kept) + " kept attention blocks x " + format_bytes(attention) : "") +
+      (saved_xa ? ", " + std::to_string(layers) + " layers' LoRA xa x " + format_bytes(saved_xa) : "") +
       ", inputs and backward buffers " + format_bytes(globals - p.logits_chunk) +
       (exchange ? ", embedding rows of " + std::to_string(world) + " ranks " + format_bytes(exchange) : "");
   p.notes.logits_chunk =

@@ -198,6 +198,7 @@ struct LlamaModel::LoraGroup {
   std::vector<int> slots_a;
   int64_t pad = 0;     // the padding columns of the input, dx and (fused) the weight's rows
   bool fused = false;  // the base weight's padding holds B: one GEMM for base and adapters
+  Tensor saved;        // with checkpointing: this layer's xa, kept from the forward for its recompute
 };
 
 struct LlamaModel::LayerActs {
@@ -591,6 +592,15 @@ void LlamaModel::allocate_activations() {
     if (!opt_.lora) continue;
     LoraGroup* const groups[kFusedProjections] = {&A.qkv_lora, &A.o_lora, &A.gate_up_lora, &A.down_lora};
     const Tensor inputs[kFusedProjections] = {A.ln1, A.att, A.ln2, A.h};
+    if (ckpt) {
+      // The layer's xa, kept from its forward: the recompute copies them back instead of running the
+      // adapters' A GEMMs again (N x 112 values a layer for r = 16 on all seven projections).
+      std::vector<Want> saved;
+      for (int g = 0; g < kFusedProjections; ++g)
+        if (group_modules[static_cast<size_t>(g)] > 0)
+          saved.push_back({&groups[g]->saved, act, {N, group_modules[static_cast<size_t>(g)] * r}});
+      carve(be(l), saved);
+    }
     static const char* const weights[kFusedProjections] = {"self_attn.qkv", "self_attn.o_proj.weight", "mlp.gate_up",
                                                            "mlp.down_proj.weight"};
     for (int g = 0; g < kFusedProjections; ++g) {
@@ -872,16 +882,16 @@ void LlamaModel::upload_inputs(const ModelInputs& in) {
 // [x | xa] [W | B]^T, adds the adapters' product to the base one: no GEMM of their own over y, and
 // no second pass over y. Over NF4 weights the parts' B products write y first and the base GEMM
 // adds x W^T in its epilogue (or the other way round when the parts leave columns uncovered).
-void LlamaModel::linear_forward(Tensor y, Tensor x, int l, const LoraGroup& lora, Tensor weight,
-                                uint64_t dropout_seed) {
+void LlamaModel::linear_forward(Tensor y, Tensor x, int l, const LoraGroup& lora, Tensor weight, uint64_t dropout_seed,
+                                bool xa_in_place) {
   Backend& b = be(l);
   const std::vector<LinearPart>& parts = lora.parts;
   const float s = opt_.lora_scaling;
   const bool dropout = opt_.lora_dropout > 0 && training_;
   // Without dropout every part sees the same x: one GEMM for all their xa.
-  if (!parts.empty() && !dropout) b.matmul(lora.xa.row_slice(0, N_), x, lora.a, false, true, s, 0.f);
+  if (!parts.empty() && !dropout && !xa_in_place) b.matmul(lora.xa.row_slice(0, N_), x, lora.a, false, true, s, 0.f);
   for (const LinearPart& part : parts) {
-    if (!dropout) break;
+    if (!dropout || xa_in_place) break;
     Tensor xin = stage(l).drop_scratch.row_slice(0, N_).col_slice(0, x.cols());
     b.dropout(xin, x, opt_.lora_dropout,
               mix_seed(dropout_seed, static_cast<uint64_t>(l), static_cast<uint64_t>(part.module_index)));
@@ -924,35 +934,32 @@ void LlamaModel::layer_forward(int l, bool recompute, uint64_t dropout_seed) {
   if (recompute || l == 0)
     b.residual_rmsnorm_forward(Tensor(), ln1, A.rstd1.flat_slice(0, N), x_in, Tensor(),
                                  base_weight(l, "input_layernorm.weight"), eps);
+  // The LoRA products xa the forward kept (checkpointing) go back into the inputs' padding.
+  const bool xa_in_place = recompute && opt_.lora;
+  if (xa_in_place) copy_saved_xa(l, /*to_saved=*/false);
   if (recompute && opt_.checkpointing == Checkpointing::keep_attention) {
-    // The attention block's outputs were kept: only the LoRA input products its backward needs,
-    // and ln2 from the kept residual.
-    linear_forward(Tensor(), ln1, l, A.qkv_lora, Tensor(), dropout_seed);
-    linear_forward(Tensor(), att, l, A.o_lora, Tensor(), dropout_seed);
+    // The attention block's outputs were kept: only ln2, from the kept residual.
     b.residual_rmsnorm_forward(Tensor(), ln2, A.rstd2.flat_slice(0, N), x_mid, Tensor(),
                                base_weight(l, "post_attention_layernorm.weight"), eps);
   } else {
     // Attention block.
-    linear_forward(qkv, ln1, l, A.qkv_lora, base_weight(l, "self_attn.qkv"), dropout_seed);
+    linear_forward(qkv, ln1, l, A.qkv_lora, base_weight(l, "self_attn.qkv"), dropout_seed, xa_in_place);
     Tensor q = qkv.col_slice(0, a.q_dim()), k = qkv.col_slice(a.q_dim(), a.kv_dim()),
            v = qkv.col_slice(a.q_dim() + a.kv_dim(), a.kv_dim());
     Tensor pos = S.positions.flat_slice(0, N);
     b.rope_forward(q, pos, S.rope_cos, S.rope_sin, a.head_dim);
     b.rope_forward(k, pos, S.rope_cos, S.rope_sin, a.head_dim);
     attend(l, att, A.lse.flat_slice(0, B_ * a.n_heads * T_), q, k, v);
-    linear_forward(delta, att, l, A.o_lora, base_weight(l, "self_attn.o_proj.weight"), dropout_seed);
+    linear_forward(delta, att, l, A.o_lora, base_weight(l, "self_attn.o_proj.weight"), dropout_seed, xa_in_place);
     b.residual_rmsnorm_forward(x_mid, ln2, A.rstd2.flat_slice(0, N), x_in, delta,
                                base_weight(l, "post_attention_layernorm.weight"), eps);
   }
   // MLP block.
-  linear_forward(gu, ln2, l, A.gate_up_lora, base_weight(l, "mlp.gate_up"), dropout_seed);
+  linear_forward(gu, ln2, l, A.gate_up_lora, base_weight(l, "mlp.gate_up"), dropout_seed, xa_in_place);
   b.swiglu_forward(h, gu.col_slice(0, F), gu.col_slice(F, F));
-  if (recompute) {
-    // Backward needs the down projection's LoRA input product, not its output.
-    linear_forward(Tensor(), h, l, A.down_lora, Tensor(), dropout_seed);
-    return;
-  }
+  if (recompute) return;  // backward needs the down projection's xa (back in place), not its output
   linear_forward(delta, h, l, A.down_lora, base_weight(l, "mlp.down_proj.weight"), dropout_seed);
+  if (training_ && opt_.lora && opt_.checkpointing != Checkpointing::off) copy_saved_xa(l, /*to_saved=*/true);
   // Residual add fused with the next norm: the next layer's input and its ln1, or the final norm
   // (written into the next stage's or the first stage's memory when they are on another GPU).
   if (l + 1 < a.n_layers) {
@@ -965,6 +972,17 @@ void LlamaModel::layer_forward(int l, bool recompute, uint64_t dropout_seed) {
                                  x_mid, delta, base_weight(-1, "model.norm.weight"), eps);
   }
   (void)C;
+}
+
+void LlamaModel::copy_saved_xa(int l, bool to_saved) {
+  LayerActs& A = acts(l);
+  std::vector<std::pair<Tensor, Tensor>> copies;
+  for (const LoraGroup* g : {&A.qkv_lora, &A.o_lora, &A.gate_up_lora, &A.down_lora}) {
+    if (g->saved.empty()) continue;
+    const Tensor saved = g->saved.row_slice(0, N_), xa = g->xa.row_slice(0, N_);
+    copies.emplace_back(to_saved ? saved : xa, to_saved ? xa : saved);
+  }
+  if (!copies.empty()) be(l).copy_batch(copies);
 }
 
 // Causal self-attention over this pass's tokens; a prefill also keeps every sequence's rotated keys

@@ -249,7 +249,11 @@ class LlamaModel {
   void layer_backward(int l, uint64_t dropout_seed);
   void head_loss(int64_t n_rows, bool backward, float grad_scale, std::vector<float>* logits);
   double sum_losses(int64_t n_rows);
-  void linear_forward(Tensor y, Tensor x, int l, const LoraGroup& lora, Tensor weight, uint64_t dropout_seed);
+  // xa_in_place: the recompute has copied the layer's saved xa back into x's padding already.
+  void linear_forward(Tensor y, Tensor x, int l, const LoraGroup& lora, Tensor weight, uint64_t dropout_seed,
+                      bool xa_in_place = false);
+  // The recompute's xa: copied between the inputs' padding and the layer's saved copies (checkpointing).
+  void copy_saved_xa(int l, bool to_saved);
   void linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const LoraGroup& lora, Tensor weight,
                        const std::vector<int>& weight_slots, uint64_t dropout_seed);
   LayerActs& acts(int l);
