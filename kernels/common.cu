@@ -92,13 +92,18 @@ struct CopyBlocks {
   CopyBlock block[kCopyBlocksPerLaunch];
 };
 
+// kVec elements per access (8: 16 bytes, when every row of every block is 16-byte aligned).
+template <int kVec>
 __global__ void copy_blocks_kernel(CopyBlocks blocks) {
   const CopyBlock& b = blocks.block[blockIdx.y];
-  const int64_t n = static_cast<int64_t>(b.rows) * b.cols;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / b.cols, c = i % b.cols;
-    b.dst[r * b.ld_dst + c] = b.src[r * b.ld_src + c];
+  const int vecs_per_row = b.cols / kVec;
+  const int n = b.rows * vecs_per_row;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    const int64_t r = i / vecs_per_row, c = static_cast<int64_t>(i % vecs_per_row) * kVec;
+    if constexpr (kVec == 8)
+      *reinterpret_cast<uint4*>(b.dst + r * b.ld_dst + c) = *reinterpret_cast<const uint4*>(b.src + r * b.ld_src + c);
+    else
+      b.dst[r * b.ld_dst + c] = b.src[r * b.ld_src + c];
   }
 }
 
@@ -256,12 +261,21 @@ void copy_bf16_blocks(const CopyBlock* blocks, int64_t n_blocks, cudaStream_t s)
     const int64_t n = std::min<int64_t>(kCopyBlocksPerLaunch, n_blocks - first);
     CopyBlocks batch{};
     int64_t largest = 1;
+    bool vec = true;
     for (int64_t i = 0; i < n; ++i) {
-      batch.block[i] = blocks[first + i];
-      largest = std::max<int64_t>(largest, static_cast<int64_t>(blocks[first + i].rows) * blocks[first + i].cols);
+      const CopyBlock& b = blocks[first + i];
+      RT_ASSERT(static_cast<int64_t>(b.rows) * b.cols < (int64_t{1} << 31),
+                "copy_bf16_blocks: a block of 2^31 elements");
+      batch.block[i] = b;
+      largest = std::max<int64_t>(largest, static_cast<int64_t>(b.rows) * b.cols);
+      vec = vec && aligned16(b.dst) && aligned16(b.src) && b.cols % 8 == 0 && b.ld_dst % 8 == 0 && b.ld_src % 8 == 0;
     }
-    const unsigned x_blocks = static_cast<unsigned>(std::min<int64_t>((largest + kThreads - 1) / kThreads, 64));
-    copy_blocks_kernel<<<dim3(x_blocks, static_cast<unsigned>(n)), kThreads, 0, s>>>(batch);
+    const int64_t items = vec ? largest / 8 : largest;
+    const unsigned x_blocks = static_cast<unsigned>(std::min<int64_t>((items + kThreads - 1) / kThreads, 64));
+    if (vec)
+      copy_blocks_kernel<8><<<dim3(x_blocks, static_cast<unsigned>(n)), kThreads, 0, s>>>(batch);
+    else
+      copy_blocks_kernel<1><<<dim3(x_blocks, static_cast<unsigned>(n)), kThreads, 0, s>>>(batch);
     cudaCheckLaunch();
   }
 }

@@ -947,8 +947,8 @@ void LlamaModel::layer_forward(int l, bool recompute, uint64_t dropout_seed) {
     Tensor q = qkv.col_slice(0, a.q_dim()), k = qkv.col_slice(a.q_dim(), a.kv_dim()),
            v = qkv.col_slice(a.q_dim() + a.kv_dim(), a.kv_dim());
     Tensor pos = S.positions.flat_slice(0, N);
-    b.rope_forward(q, pos, S.rope_cos, S.rope_sin, a.head_dim);
-    b.rope_forward(k, pos, S.rope_cos, S.rope_sin, a.head_dim);
+    // q's and k's heads are adjacent columns of qkv: one rotation over both.
+    b.rope_forward(qkv.col_slice(0, a.q_dim() + a.kv_dim()), pos, S.rope_cos, S.rope_sin, a.head_dim);
     attend(l, att, A.lse.flat_slice(0, B_ * a.n_heads * T_), q, k, v);
     linear_forward(delta, att, l, A.o_lora, base_weight(l, "self_attn.o_proj.weight"), dropout_seed, xa_in_place);
     b.residual_rmsnorm_forward(x_mid, ln2, A.rstd2.flat_slice(0, N), x_in, delta,
@@ -1321,8 +1321,7 @@ void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
   b.attention_backward(dq, dk, dv, datt, A.att.row_slice(0, N), A.lse.flat_slice(0, B_ * a.n_heads * T_), q, k, v,
                          have_doc_ids_ ? S.doc_ids.flat_slice(0, N) : Tensor(), shape);
   Tensor pos = S.positions.flat_slice(0, N);
-  b.rope_backward(dq, pos, S.rope_cos, S.rope_sin, a.head_dim);
-  b.rope_backward(dk, pos, S.rope_cos, S.rope_sin, a.head_dim);
+  b.rope_backward(dqkv.col_slice(0, a.q_dim() + a.kv_dim()), pos, S.rope_cos, S.rope_sin, a.head_dim);
   linear_backward(
       need_dx ? dln_attention : Tensor(), dqkv, A.ln1.row_slice(0, N), l, A.qkv_lora, base_weight(l, "self_attn.qkv"),
       slots({"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"}), dropout_seed);
