@@ -888,14 +888,18 @@ void LlamaModel::linear_forward(Tensor y, Tensor x, int l, const LoraGroup& lora
   const std::vector<LinearPart>& parts = lora.parts;
   const float s = opt_.lora_scaling;
   const bool dropout = opt_.lora_dropout > 0 && training_;
-  // Without dropout every part sees the same x: one GEMM for all their xa.
-  if (!parts.empty() && !dropout && !xa_in_place) b.matmul(lora.xa.row_slice(0, N_), x, lora.a, false, true, s, 0.f);
-  for (const LinearPart& part : parts) {
-    if (!dropout || xa_in_place) break;
-    Tensor xin = stage(l).drop_scratch.row_slice(0, N_).col_slice(0, x.cols());
-    b.dropout(xin, x, opt_.lora_dropout,
-              mix_seed(dropout_seed, static_cast<uint64_t>(l), static_cast<uint64_t>(part.module_index)));
-    b.matmul(part.xa.row_slice(0, N_), xin, part.a, false, true, s, 0.f);
+  if (!parts.empty() && !xa_in_place) {
+    if (!dropout) {
+      // Every part sees the same x: one GEMM for all their xa.
+      b.matmul(lora.xa.row_slice(0, N_), x, lora.a, false, true, s, 0.f);
+    } else {
+      for (const LinearPart& part : parts) {
+        Tensor xin = stage(l).drop_scratch.row_slice(0, N_).col_slice(0, x.cols());
+        b.dropout(xin, x, opt_.lora_dropout,
+                  mix_seed(dropout_seed, static_cast<uint64_t>(l), static_cast<uint64_t>(part.module_index)));
+        b.matmul(part.xa.row_slice(0, N_), xin, part.a, false, true, s, 0.f);
+      }
+    }
   }
   if (y.empty()) return;
   if (parts.empty()) {
