@@ -311,6 +311,51 @@ TEST_F(GpuOps, CopyConvertsAndRespectsStrides) {
   }
 }
 
+// copy_batch: blocks of 16-byte rows go 16 bytes per access, a launch with any other block goes
+// element by element, and more than 64 blocks take several launches; every block lands where copy()
+// would put it, and nothing around it changes. Uploads and downloads of padded views move the view.
+TEST_F(GpuOps, CopyBatchAndPaddedUploadDownload) {
+  struct Shape {
+    int64_t rows, cols, ld_src, ld_dst;
+  };
+  const std::vector<Shape> aligned = {{128, 16, 16, 2096}, {40, 48, 2096, 48}, {9, 8, 8, 24}};
+  const std::vector<Shape> odd = {{7, 3, 3, 11}, {5, 16, 16, 20}};
+  for (const bool with_odd : {false, true}) {
+    std::vector<Shape> shapes;
+    for (int i = 0; i < 70; ++i) shapes.push_back(aligned[static_cast<size_t>(i) % aligned.size()]);
+    if (with_odd) shapes.insert(shapes.begin() + 3, odd.begin(), odd.end());
+    std::vector<Mat> srcs, dsts;
+    std::vector<std::vector<float>> values;
+    std::vector<std::pair<Tensor, Tensor>> batch;
+    for (const Shape& sh : shapes) {
+      srcs.emplace_back(gpu(), DType::bf16, sh.rows, sh.cols, sh.ld_src);
+      dsts.emplace_back(gpu(), DType::bf16, sh.rows, sh.cols, sh.ld_dst);
+      values.push_back(normal(sh.rows * sh.cols));
+      for (float& v : values.back()) v = round_bf16(v);
+      srcs.back().set(values.back());
+    }
+    for (size_t i = 0; i < shapes.size(); ++i) batch.emplace_back(dsts[i].view, srcs[i].view);
+    gpu().copy_batch(batch);
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      const std::string where = "block " + std::to_string(i) + (with_odd ? " (with odd blocks)" : "");
+      EXPECT_TRUE(bitwise_equal(dsts[i].get(), values[i])) << where;
+      EXPECT_EQ(dsts[i].touched_outside(), 0) << where;
+    }
+  }
+
+  Mat padded(gpu(), DType::bf16, 33, 40, 56);
+  std::vector<float> values = normal(33 * 40);
+  for (float& v : values) v = round_bf16(v);
+  std::vector<uint16_t> raw(values.size());
+  for (size_t i = 0; i < values.size(); ++i) raw[i] = ranktune::f32_to_bf16(values[i]);
+  gpu().upload(padded.view, raw.data());
+  EXPECT_TRUE(bitwise_equal(padded.get(), values));
+  EXPECT_EQ(padded.touched_outside(), 0);
+  std::vector<uint16_t> back(raw.size(), 0);
+  gpu().download(back.data(), padded.view);
+  EXPECT_EQ(back, raw);
+}
+
 TEST_F(GpuOps, FillAndScale) {
   for (const int64_t n : {int64_t{1}, int64_t{7}, int64_t{1000003}}) {
     for (const int64_t offset : {int64_t{0}, int64_t{1}}) {
@@ -461,8 +506,10 @@ TEST_F(GpuOps, RmsnormForward) {
       const std::string where = std::to_string(s.rows) + "x" + std::to_string(s.channels) +
                                 (with_delta ? " with delta" : " without delta");
       const int64_t n = s.rows * s.channels;
+      // With a delta, norm_out has padding columns (a fused LoRA projection's input): left alone.
+      const int64_t norm_ld = with_delta ? s.channels + 8 : 0;
       Pair residual_in = act(s.rows, s.channels), delta = act(s.rows, s.channels);
-      Pair residual_out = act(s.rows, s.channels), norm_out = act(s.rows, s.channels);
+      Pair residual_out = act(s.rows, s.channels), norm_out = act(s.rows, s.channels, norm_ld);
       Pair rstd = f32_vec(s.rows), weight = act_vec(s.channels);
       residual_in.set(normal(n));
       delta.set(normal(n, 0.5f));
@@ -497,7 +544,9 @@ TEST_F(GpuOps, RmsnormBackward) {
       const std::string where = std::to_string(s.rows) + "x" + std::to_string(s.channels) +
                                 " mode " + std::to_string(mode);
       const int64_t n = s.rows * s.channels;
-      Pair x = act(s.rows, s.channels), dnorm = act(s.rows, s.channels);
+      // dnorm is a padded dx (fused LoRA's dy B in its extra columns) unless it is dresidual too.
+      const int64_t dnorm_ld = mode == 3 ? 0 : s.channels + 8;
+      Pair x = act(s.rows, s.channels), dnorm = act(s.rows, s.channels, dnorm_ld);
       Pair dresidual = act(s.rows, s.channels);
       Pair weight = act_vec(s.channels), rstd = f32_vec(s.rows), dweight = f32_vec(s.channels);
       x.set(normal(n));
@@ -634,31 +683,31 @@ TEST_F(GpuOps, RopeForwardBackward) {
 // ---- SwiGLU -------------------------------------------------------------------------------------
 
 TEST_F(GpuOps, SwigluForwardBackward) {
-  for (const int64_t ffn : {int64_t{96}, int64_t{37}, int64_t{2048}}) {
-    const int64_t n = 19;
-    const std::string where = "ffn " + std::to_string(ffn);
-    Pair gate_up = act(n, 2 * ffn), h = act(n, ffn), dh = act(n, ffn), dgate_up = act(n, 2 * ffn);
-    gate_up.set(normal(n * 2 * ffn, 2.f));
-    dh.set(normal(n * ffn));
-    auto halves = [&](const Mat& m) {
-      return std::pair{m.view.col_slice(0, ffn), m.view.col_slice(ffn, ffn)};
-    };
-    const auto [gpu_gate, gpu_up] = halves(gate_up.gpu);
-    const auto [cpu_gate, cpu_up] = halves(gate_up.cpu);
-    gpu().swiglu_forward(h.gpu.view, gpu_gate, gpu_up);
-    cpu().swiglu_forward(h.cpu.view, cpu_gate, cpu_up);
-    expect_close(h, kBf16Tol, "swiglu forward " + where);
+  // pad: h and dh with padding columns (the down projection's input and dx under fused LoRA).
+  for (const int64_t ffn : {int64_t{96}, int64_t{37}, int64_t{2048}})
+    for (const int64_t pad : {int64_t{0}, int64_t{16}}) {
+      const int64_t n = 19, ld = pad ? ffn + pad : 0;
+      const std::string where = "ffn " + std::to_string(ffn) + " pad " + std::to_string(pad);
+      Pair gate_up = act(n, 2 * ffn), h = act(n, ffn, ld), dh = act(n, ffn, ld), dgate_up = act(n, 2 * ffn);
+      gate_up.set(normal(n * 2 * ffn, 2.f));
+      dh.set(normal(n * ffn));
+      auto halves = [&](const Mat& m) { return std::pair{m.view.col_slice(0, ffn), m.view.col_slice(ffn, ffn)}; };
+      const auto [gpu_gate, gpu_up] = halves(gate_up.gpu);
+      const auto [cpu_gate, cpu_up] = halves(gate_up.cpu);
+      gpu().swiglu_forward(h.gpu.view, gpu_gate, gpu_up);
+      cpu().swiglu_forward(h.cpu.view, cpu_gate, cpu_up);
+      expect_close(h, kBf16Tol, "swiglu forward " + where);
 
-    const auto [gpu_dgate, gpu_dup] = halves(dgate_up.gpu);
-    const auto [cpu_dgate, cpu_dup] = halves(dgate_up.cpu);
-    gpu().swiglu_backward(gpu_dgate, gpu_dup, dh.gpu.view, gpu_gate, gpu_up);
-    cpu().swiglu_backward(cpu_dgate, cpu_dup, dh.cpu.view, cpu_gate, cpu_up);
-    expect_close(dgate_up, kBf16Tol, "swiglu backward " + where);
+      const auto [gpu_dgate, gpu_dup] = halves(dgate_up.gpu);
+      const auto [cpu_dgate, cpu_dup] = halves(dgate_up.cpu);
+      gpu().swiglu_backward(gpu_dgate, gpu_dup, dh.gpu.view, gpu_gate, gpu_up);
+      cpu().swiglu_backward(cpu_dgate, cpu_dup, dh.cpu.view, cpu_gate, cpu_up);
+      expect_close(dgate_up, kBf16Tol, "swiglu backward " + where);
 
-    // In place (dgate_up aliasing gate_up) gives the same result.
-    gpu().swiglu_backward(gpu_gate, gpu_up, dh.gpu.view, gpu_gate, gpu_up);
-    EXPECT_TRUE(bitwise_equal(gate_up.gpu.get(), dgate_up.gpu.get())) << "in place, " << where;
-  }
+      // In place (dgate_up aliasing gate_up) gives the same result.
+      gpu().swiglu_backward(gpu_gate, gpu_up, dh.gpu.view, gpu_gate, gpu_up);
+      EXPECT_TRUE(bitwise_equal(gate_up.gpu.get(), dgate_up.gpu.get())) << "in place, " << where;
+    }
 }
 
 // ---- cross-entropy ------------------------------------------------------------------------------
