@@ -233,11 +233,26 @@ std::vector<int64_t> balance_stages(const ModelOptions& o, int n_stages, size_t 
   RT_REQUIRE(n_stages >= 1 && n_stages <= L, "device_map: auto over " + std::to_string(n_stages) + " GPUs needs at least as many layers (the model has " + std::to_string(L) + ")");
   const double act = static_cast<double>(act_bytes), N = static_cast<double>(o.max_batch * o.max_seq);
   const double C = static_cast<double>(a.hidden_size), F = static_cast<double>(a.intermediate_size);
+  // Fused LoRA pads the targeted projections' weight rows (bf16 weights) and inputs.
+  const std::array<int64_t, kFusedProjections> pad =
+      o.lora ? lora_pad_per_projection(o.lora_targets, o.lora_r) : std::array<int64_t, kFusedProjections>{};
+  const double weight_pad = o.load_in_4bit
+                                ? 0.0
+                                : static_cast<double>(a.qkv_dim() * pad[0] + a.hidden_size * pad[1] +
+                                                      2 * a.intermediate_size * pad[2] + a.hidden_size * pad[3]);
   const double layer_params = static_cast<double>(a.hidden_size) * static_cast<double>(a.qkv_dim() + a.q_dim()) +
-                              3.0 * C * F + 2.0 * C;
+                              3.0 * C * F + 2.0 * C + weight_pad;
   // A layer: its weights and its kept input; without checkpointing its whole activation set.
-  const double set = N * (3 * C + static_cast<double>(a.qkv_dim() + a.q_dim()) + 3 * F) * act;
-  const double per_layer = layer_params * act + N * C * act + (o.checkpointing == Checkpointing::off ? set : 0.0);
+  const double set = N *
+                     (3 * C + static_cast<double>(a.qkv_dim() + a.q_dim()) + 3 * F +
+                      static_cast<double>(pad[0] + pad[1] + pad[2] + pad[3])) *
+                     act;
+  // With checkpointing and LoRA each layer also keeps its adapters' xa.
+  double kept_xa = 0;
+  if (o.lora && o.checkpointing != Checkpointing::off)
+    for (const int64_t m : lora_modules_per_projection(o.lora_targets))
+      kept_xa += N * static_cast<double>(m * o.lora_r) * act;
+  const double per_layer = layer_params * act + N * C * act + (o.checkpointing == Checkpointing::off ? set : kept_xa);
   // Every stage: a recompute set and the backward scratch; the first also the embedding, head and logits chunk.
   const double per_stage = (o.checkpointing == Checkpointing::off ? 0.0 : set) + N * (4 * C + 3 * F) * act;
   const double V = static_cast<double>(a.vocab_size);
