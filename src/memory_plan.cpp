@@ -128,6 +128,10 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   }
   largest_fused = std::max({a.qkv_dim() * a.hidden_size, a.hidden_size * a.q_dim(),
                             2 * a.intermediate_size * a.hidden_size, a.hidden_size * a.intermediate_size});
+  // Fused LoRA (lora_pad_per_projection): each targeted projection's bf16 weight rows, input and dx
+  // are this many columns wider (the adapters' B, xa and dy B live there).
+  const std::array<int64_t, kFusedProjections> pad =
+      o.lora ? lora_pad_per_projection(o.lora_targets, o.lora_r) : std::array<int64_t, kFusedProjections>{};
   // LoRA adapters: A [r, in] and B [out, r] per targeted projection and layer.
   std::vector<int64_t> lora_tensors;
   if (o.lora) {
@@ -151,8 +155,6 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
                       millions(here_numel - linear_numel) + " embedding/norm/head params " + act_name;
   } else {
     // Fused LoRA: a targeted projection's weight rows carry its adapters' B blocks (zero elsewhere).
-    const std::array<int64_t, kFusedProjections> pad =
-        o.lora ? lora_pad_per_projection(o.lora_targets, o.lora_r) : std::array<int64_t, kFusedProjections>{};
     int64_t padding = 0;
     for (const ParamSpec& spec : base)
       if (here(spec) && is_linear_weight(spec) && spec.layer >= 0)
@@ -244,9 +246,6 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   const std::array<int64_t, kFusedProjections> group_modules =
       o.lora ? lora_modules_per_projection(o.lora_targets) : std::array<int64_t, kFusedProjections>{};
   const int64_t widest_group = std::max<int64_t>(1, *std::max_element(group_modules.begin(), group_modules.end()));
-  // Fused LoRA: each projection's input and dx are wider by its padding (xa, dy B live there).
-  const std::array<int64_t, kFusedProjections> pad =
-      o.lora ? lora_pad_per_projection(o.lora_targets, o.lora_r) : std::array<int64_t, kFusedProjections>{};
   p.loss_chunk_rows = chunk;
   const int64_t r = std::max<int64_t>(o.lora_r, 1);
   const int64_t drop_rows = o.lora_dropout > 0 ? N : 1, widest = std::max({C, F, Q});
@@ -293,12 +292,15 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   for (int64_t i = 0; i < n_sets; ++i) alloc(set);
   const int64_t kept = keep_attention ? layers : 0;
   for (int64_t i = 0; i < kept; ++i) alloc(attention);
-  // With checkpointing and LoRA every layer keeps its xa for the recompute (one group per layer).
+  // With checkpointing and LoRA every layer keeps its xa for the recompute (one group per layer),
+  // but o's under keep_attention, which stays in the layer's own att.
   int64_t saved_xa = 0;
   if (o.lora && o.checkpointing != Checkpointing::off) {
-    for (const int64_t g : group_modules)
-      if (g > 0) saved_xa += carved(N * g * r, act);
-    for (int64_t i = 0; i < layers; ++i) alloc(saved_xa);
+    for (int g = 0; g < kFusedProjections; ++g)
+      if (group_modules[static_cast<size_t>(g)] > 0 && !(keep_attention && g == 1))
+        saved_xa += carved(N * group_modules[static_cast<size_t>(g)] * r, act);
+    if (saved_xa)
+      for (int64_t i = 0; i < layers; ++i) alloc(saved_xa);
   }
   p.activations = globals - p.logits_chunk + exchange + inputs + n_sets * set + kept * attention + layers * saved_xa;
   p.notes.activations =

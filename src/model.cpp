@@ -247,11 +247,15 @@ std::vector<int64_t> balance_stages(const ModelOptions& o, int n_stages, size_t 
                      (3 * C + static_cast<double>(a.qkv_dim() + a.q_dim()) + 3 * F +
                       static_cast<double>(pad[0] + pad[1] + pad[2] + pad[3])) *
                      act;
-  // With checkpointing and LoRA each layer also keeps its adapters' xa.
+  // With checkpointing and LoRA each layer also keeps its adapters' xa (o's in its own att under
+  // keep_attention).
   double kept_xa = 0;
-  if (o.lora && o.checkpointing != Checkpointing::off)
-    for (const int64_t m : lora_modules_per_projection(o.lora_targets))
-      kept_xa += N * static_cast<double>(m * o.lora_r) * act;
+  if (o.lora && o.checkpointing != Checkpointing::off) {
+    const std::array<int64_t, kFusedProjections> modules = lora_modules_per_projection(o.lora_targets);
+    for (int g = 0; g < kFusedProjections; ++g)
+      if (!(o.checkpointing == Checkpointing::keep_attention && g == 1))
+        kept_xa += N * static_cast<double>(modules[static_cast<size_t>(g)] * o.lora_r) * act;
+  }
   const double per_layer = layer_params * act + N * C * act + (o.checkpointing == Checkpointing::off ? set : kept_xa);
   // Every stage: a recompute set and the backward scratch; the first also the embedding, head and logits chunk.
   const double per_stage = (o.checkpointing == Checkpointing::off ? 0.0 : set) + N * (4 * C + 3 * F) * act;
@@ -609,12 +613,13 @@ void LlamaModel::allocate_activations() {
     const Tensor inputs[kFusedProjections] = {A.ln1, A.att, A.ln2, A.h};
     if (ckpt) {
       // The layer's xa, kept from its forward: the recompute copies them back instead of running the
-      // adapters' A GEMMs again (N x 112 values a layer for r = 16 on all seven projections).
+      // adapters' A GEMMs again (N x 112 values a layer for r = 16 on all seven projections). Under
+      // keep_attention o's xa stays in the layer's own att padding, so it needs no copy.
       std::vector<Want> saved;
       for (int g = 0; g < kFusedProjections; ++g)
-        if (group_modules[static_cast<size_t>(g)] > 0)
+        if (group_modules[static_cast<size_t>(g)] > 0 && !(keep_attention && g == 1))
           saved.push_back({&groups[g]->saved, act, {N, group_modules[static_cast<size_t>(g)] * r}});
-      carve(be(l), saved);
+      if (!saved.empty()) carve(be(l), saved);
     }
     static const char* const weights[kFusedProjections] = {"self_attn.qkv", "self_attn.o_proj.weight", "mlp.gate_up",
                                                            "mlp.down_proj.weight"};
