@@ -39,6 +39,11 @@ void write_run_yaml(const std::string& path, int layers, const std::string& mode
       << training << "\nlogging: {logging_steps: 1}\n";
 }
 
+// `mpirun -np 2` as the tests launch it (as root on the device machines, NVLink multicast off).
+std::string mpirun_two_ranks() {
+  return std::string(RANKTUNE_MPIEXEC) + " --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 ";
+}
+
 // The largest |a - b| / |b| over two runs' logged losses (10 steps each).
 double largest_relative_loss_difference(const std::string& run_a, const std::string& run_b) {
   const auto a = logged_losses(run_a), b = logged_losses(run_b);
@@ -62,11 +67,11 @@ void check_two_gpus_equal_one(Training training) {
                  std::string("{enabled: ") + (lora ? "true" : "false") + ", r: 8, lora_alpha: 16}",
                  "{max_steps: 10, learning_rate: 2.0e-3, warmup_steps: 2, gradient_accumulation_steps: 2}");
   const std::string bin = RANKTUNE_BINARY;
-  const CommandResult two = run_command(
-      std::string(RANKTUNE_MPIEXEC) + " --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 " + bin + " train " + dir +
-          "/run.yaml --set model.enable_multi_gpu=true" + (zero ? " --set distributed.zero_stage=1" : "") +
-          " --set training.per_device_train_batch_size=2 --set training.output_dir=" + dir + "/two",
-      1);
+  const CommandResult two =
+      run_command(mpirun_two_ranks() + bin + " train " + dir + "/run.yaml --set model.enable_multi_gpu=true" +
+                      (zero ? " --set distributed.zero_stage=1" : "") +
+                      " --set training.per_device_train_batch_size=2 --set training.output_dir=" + dir + "/two",
+                  1);
   ASSERT_EQ(two.code, 0) << two.output;
   EXPECT_NE(two.output.find("Multi-GPU training enabled: 2 ranks x 1 GPU, data parallel over NCCL"), std::string::npos)
       << two.output;
@@ -113,8 +118,7 @@ TEST(GpuDataParallel, Zero1CopyEngineReduceMatchesNcclBitForBit) {
   write_run_yaml(dir + "/run.yaml", 4, "", "{enabled: false}",
                  "{max_steps: 10, learning_rate: 2.0e-3, warmup_steps: 2, gradient_accumulation_steps: 2}");
   const std::string bin = RANKTUNE_BINARY;
-  const std::string run = std::string(RANKTUNE_MPIEXEC) + " --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 " + bin +
-                          " train " + dir +
+  const std::string run = mpirun_two_ranks() + bin + " train " + dir +
                           "/run.yaml --set model.enable_multi_gpu=true --set distributed.zero_stage=1"
                           " --set distributed.ddp_bucket_cap_mb=0 --set training.per_device_train_batch_size=2";
   const CommandResult copies = run_command(run + " --set training.output_dir=" + dir + "/copies", 1);
@@ -183,7 +187,7 @@ TEST(GpuDeviceMapAuto, TwoRanksOfTwoGpusEqualTwoRanksOfOne) {
   write_run_yaml(dir + "/run.yaml", 6, "  enable_multi_gpu: true\n", "{enabled: true, r: 8, lora_alpha: 16}",
                  "{max_steps: 10, learning_rate: 2.0e-3, warmup_steps: 2, per_device_train_batch_size: 2}");
   const std::string bin = RANKTUNE_BINARY;
-  const std::string mpirun = std::string(RANKTUNE_MPIEXEC) + " --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 ";
+  const std::string mpirun = mpirun_two_ranks();
   const CommandResult auto2 = run_command(mpirun + bin + " train " + dir + "/run.yaml --set model.device_map=auto" +
                                               " --set training.output_dir=" + dir + "/auto",
                                           1);
