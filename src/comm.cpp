@@ -178,13 +178,11 @@ void Communicator::barrier(const std::string& what) {
 
 // ---- data-parallel gradient reduction ----------------------------------------------------------
 
-int64_t Communicator::peer_reduce_bytes(const std::vector<int64_t>& shard_offsets, int rank) {
-  const auto world = static_cast<int64_t>(shard_offsets.size()) - 1;
-  RT_ASSERT(rank >= 0 && rank < world, "peer_reduce_bytes: a rank of the shards");
-  const int64_t shard = shard_offsets[static_cast<size_t>(rank) + 1] - shard_offsets[static_cast<size_t>(rank)];
+int64_t Communicator::peer_copy_bytes(int64_t slot_numel, int world) {
+  RT_ASSERT(world >= 1 && slot_numel >= 0, "peer_copy_bytes: a slot size and a world");
   const auto round_up = [](int64_t x) { return (x + 255) / 256 * 256; };
   // The receive slots, then the flags: two 32-bit words per rank and two staging words.
-  return round_up((world - 1) * shard * static_cast<int64_t>(sizeof(float))) + round_up((2 * world + 2) * 4);
+  return round_up((world - 1) * slot_numel * static_cast<int64_t>(sizeof(float))) + round_up((2 * world + 2) * 4);
 }
 
 GradReducer::GradReducer(Communicator& comm, ParamGroup& params, int n_layers, int64_t cap_bytes,

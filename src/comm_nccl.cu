@@ -11,17 +11,18 @@
 // together with ncclCommGetAsyncError, so a stuck or failed collective ends the job with a message
 // instead of a hang.
 //
-// ZeRO-1's reduce over the copy engines (reduce_by_peer_copies): NCCL's reduce kernels take SMs
-// from backward's GEMMs for as long as the gradients cross. On one host each rank instead maps
-// every other rank's receive buffer (CUDA IPC) and copies its pieces of their shards there on a
-// copy stream, which no SM serves; the owner adds each piece's copies to its own on a stream beside
-// backward as soon as they have arrived. Each rank's buffer holds one slot of its shard per other
-// rank, then the flags, 32-bit counters compared with CUDA's stream memory operations:
+// The gradient reduce over the copy engines (reduce_by_peer_copies): NCCL's kernels take SMs from
+// backward's GEMMs for as long as the gradients cross. On one host each rank instead maps every
+// other rank's receive buffer (CUDA IPC) and copies its pieces there on a copy stream, which no SM
+// serves: under ZeRO-1 a piece goes to the owner of its shard, in an all-reduce (LoRA) to every
+// other rank. The receiver adds each piece's copies to its own on a stream beside backward as soon
+// as they have arrived. Each rank's buffer holds one slot per other rank (of its shard, or of the
+// whole buffer), then the flags, 32-bit counters compared with CUDA's stream memory operations:
 //   arrived[r]:  how many pieces rank r has copied here so far (every step counts on)
-//   consumed[o]: the steps whose pieces owner o has added, so its slots are free again
-// A sender's first copy of step k waits (on its copy stream) for consumed[o] >= k-1 of every owner
-// o; an owner's add of its n-th piece waits (on its add stream) for arrived[r] >= n of every sender
-// r: every rank starts the same pieces in the same order. A counter travels as a 4-byte copy behind
+//   consumed[o]: the steps whose pieces receiver o has added, so its slots are free again
+// A sender's first copy of step k waits (on its copy stream) for consumed[o] >= k-1 of every
+// receiver o; a receiver's add of its n-th piece waits (on its add stream) for arrived[r] >= n of
+// every sender r: every rank starts the same pieces in the same order. A counter travels as a 4-byte copy behind
 // the data on the same stream, so it lands after the data. The compute stream waits for the adds
 // in finish_started(), and the host watches it pass them under the watchdog, as it watches NCCL.
 #include <cuda.h>  // the stream memory operations' types; the functions come via cudaGetDriverEntryPointByVersion
@@ -92,6 +93,10 @@ class NcclCommunicator final : public Communicator {
   void start_sum(Tensor x) override {
     if (world_ == 1) return;
     check(x, "start_sum");
+    if (peer_ && summing_ && in_grad(x)) {
+      start_peer_sum(x);
+      return;
+    }
     after_compute(comm_stream_);
     ncclCheck(ncclAllReduce(x.data, x.data, static_cast<size_t>(x.numel()), ncclFloat32, ncclSum, nccl_, comm_stream_));
     pending_ = true;
@@ -101,8 +106,7 @@ class NcclCommunicator final : public Communicator {
     if (world_ == 1) return;
     check(x, "start_reduce");
     RT_ASSERT(root >= 0 && root < world_, "start_reduce: a root rank in the world");
-    if (peer_ && x.ptr<float>() >= grad_.ptr<float>() &&
-        x.ptr<float>() + x.numel() <= grad_.ptr<float>() + grad_.numel()) {
+    if (peer_ && !summing_ && in_grad(x)) {
       start_peer_copy(x, root);
       return;
     }
@@ -161,9 +165,11 @@ class NcclCommunicator final : public Communicator {
 
   bool reduce_by_peer_copies(Tensor grad, const std::vector<int64_t>& shard_offsets) override {
     if (world_ == 1) return false;
-    RT_ASSERT(grad.device == Device::cuda && grad.dtype == DType::f32 && grad.contiguous() &&
-                  static_cast<int>(shard_offsets.size()) == world_ + 1 && shard_offsets.back() == grad.numel(),
-              "reduce_by_peer_copies: the flat f32 gradient buffer and one shard offset per rank, and the end");
+    const bool summing = shard_offsets.empty();
+    RT_ASSERT(
+        grad.device == Device::cuda && grad.dtype == DType::f32 && grad.contiguous() &&
+            (summing || (static_cast<int>(shard_offsets.size()) == world_ + 1 && shard_offsets.back() == grad.numel())),
+        "reduce_by_peer_copies: the flat f32 gradient buffer and one shard offset per rank and the end, or none");
     cudaCheck(cudaSetDevice(device_));
     // Every rank on this host, the stream memory operations at hand, room for the buffer.
     MPI_Comm node = MPI_COMM_NULL;
@@ -172,7 +178,8 @@ class NcclCommunicator final : public Communicator {
     MPI_Comm_size(node, &on_host);
     MPI_Comm_free(&node);
     bool ok = on_host == world_ && load_stream_memops();
-    const int64_t bytes = peer_reduce_bytes(shard_offsets, rank_);
+    const auto me = static_cast<size_t>(rank_);
+    const int64_t bytes = peer_copy_bytes(summing ? grad.numel() : shard_offsets[me + 1] - shard_offsets[me], world_);
     size_t free_bytes = 0, total = 0;
     if (ok) cudaCheck(cudaMemGetInfo(&free_bytes, &total));
     // Leave 1 GiB for what is allocated later (cuBLAS workspaces, NCCL's buffers).
@@ -214,6 +221,7 @@ class NcclCommunicator final : public Communicator {
     }
     grad_ = grad;
     offsets_ = shard_offsets;
+    summing_ = summing;
     cudaCheck(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking));
     cudaCheck(cudaStreamCreateWithFlags(&add_stream_, cudaStreamNonBlocking));
     sent_.assign(static_cast<size_t>(world_), 0);
@@ -229,17 +237,22 @@ class NcclCommunicator final : public Communicator {
   char* buffer_of(int at) const {
     return static_cast<char*>(at == rank_ ? base_ : peer_base_[static_cast<size_t>(at)]);
   }
-  int64_t shard_numel(int owner) const {
-    return offsets_[static_cast<size_t>(owner) + 1] - offsets_[static_cast<size_t>(owner)];
+  bool in_grad(const Tensor& x) const {
+    return x.ptr<float>() >= grad_.ptr<float>() && x.ptr<float>() + x.numel() <= grad_.ptr<float>() + grad_.numel();
   }
-  // Owner `owner`'s slot for sender `sender`, in `owner`'s buffer as this rank addresses it.
-  float* slot(int owner, int sender) const {
-    const int index = sender < owner ? sender : sender - 1;
-    return reinterpret_cast<float*>(buffer_of(owner)) + index * shard_numel(owner);
+  // What receiver `at`'s slots hold: its shard (ZeRO-1) or the whole buffer (all-reduce).
+  int64_t slot_begin(int at) const { return summing_ ? 0 : offsets_[static_cast<size_t>(at)]; }
+  int64_t slot_numel(int at) const {
+    return summing_ ? grad_.numel() : offsets_[static_cast<size_t>(at) + 1] - offsets_[static_cast<size_t>(at)];
+  }
+  // Receiver `at`'s slot for sender `sender`, in `at`'s buffer as this rank addresses it.
+  float* slot(int at, int sender) const {
+    const int index = sender < at ? sender : sender - 1;
+    return reinterpret_cast<float*>(buffer_of(at)) + index * slot_numel(at);
   }
   // Rank `at`'s flags: arrived[world], consumed[world], and two staging words.
   uint32_t* flags(int at) const {
-    const int64_t slots = (world_ - 1) * shard_numel(at) * static_cast<int64_t>(sizeof(float));
+    const int64_t slots = (world_ - 1) * slot_numel(at) * static_cast<int64_t>(sizeof(float));
     return reinterpret_cast<uint32_t*>(buffer_of(at) + (slots + 255) / 256 * 256);
   }
   uint32_t* arrived(int at, int sender) const { return flags(at) + sender; }
@@ -275,36 +288,74 @@ class NcclCommunicator final : public Communicator {
     cudaCheck(cudaMemcpyAsync(to, staging(which), sizeof(uint32_t), cudaMemcpyDefault, stream));
   }
 
-  // A piece of root's shard. Every other rank copies it into its slot on the root's GPU once its
-  // compute stream has written it, then counts it in the root's arrived[]; the root adds the
-  // slots' copies to its own on the add stream as soon as they have arrived, while backward goes on
-  // (the ledger reports a piece once it is final for the step, so nothing writes it meanwhile).
+  // y += x on the add stream.
+  void add(float* y, const float* x, int64_t n) { kernels::add_f32(y, n, x, n, 1, n, add_stream_); }
+  // The first copy of a step waits until the receivers have added the last step's slots.
+  void arm_copies() {
+    if (copy_armed_) return;
+    for (int o = 0; o < world_; ++o)
+      if (o != rank_) wait_value(copy_stream_, consumed(rank_, o), seq_);
+    copy_armed_ = true;
+  }
+  // Copies x (a slice of the gradients, written by the compute stream) into this rank's slot on
+  // `to`'s GPU, then counts it in `to`'s arrived[].
+  void send_piece(Tensor x, int to) {
+    const int64_t offset = x.ptr<float>() - grad_.ptr<float>() - slot_begin(to);
+    cudaCheck(cudaMemcpyAsync(slot(to, rank_) + offset, x.data, x.nbytes(), cudaMemcpyDefault, copy_stream_));
+    post_value(copy_stream_, 0, arrived(to, rank_), ++sent_[static_cast<size_t>(to)]);
+  }
+  // The add stream waits until every other rank's copy of this rank's next piece has arrived.
+  void wait_for_pieces() {
+    ++received_;
+    for (int from = 0; from < world_; ++from)
+      if (from != rank_) wait_value(add_stream_, arrived(rank_, from), received_);
+  }
+
+  // ZeRO-1: a piece of root's shard. Every other rank copies it into its slot on the root's GPU
+  // once its compute stream has written it; the root adds the slots' copies to its own on the add
+  // stream as soon as they have arrived, while backward goes on (the ledger reports a piece once it
+  // is final for the step, so nothing writes it meanwhile).
   void start_peer_copy(Tensor x, int root) {
     const int64_t offset = x.ptr<float>() - grad_.ptr<float>();
-    const auto r = static_cast<size_t>(root);
-    RT_ASSERT(offset >= offsets_[r] && offset + x.numel() <= offsets_[r + 1],
+    RT_ASSERT(offset >= slot_begin(root) && offset + x.numel() <= slot_begin(root) + slot_numel(root),
               "start_reduce: a piece of the gradients inside its root's shard");
     peer_step_ = true;
     if (root == rank_) {
-      ++received_;
       after_compute(add_stream_);
-      for (int from = 0; from < world_; ++from) {
-        if (from == rank_) continue;
-        wait_value(add_stream_, arrived(rank_, from), received_);
-        kernels::add_f32(x.ptr<float>(), x.numel(), slot(rank_, from) + (offset - offsets_[r]), x.numel(), 1, x.numel(),
-                         add_stream_);
-      }
+      wait_for_pieces();
+      for (int from = 0; from < world_; ++from)
+        if (from != rank_) add(x.ptr<float>(), slot(rank_, from) + (offset - slot_begin(rank_)), x.numel());
       return;
     }
-    if (!copy_armed_) {  // the owners have added the last step's slots
-      for (int o = 0; o < world_; ++o)
-        if (o != rank_) wait_value(copy_stream_, consumed(rank_, o), seq_);
-      copy_armed_ = true;
-    }
+    arm_copies();
     after_compute(copy_stream_);
-    cudaCheck(cudaMemcpyAsync(slot(root, rank_) + (offset - offsets_[r]), x.data, x.nbytes(), cudaMemcpyDefault,
-                              copy_stream_));
-    post_value(copy_stream_, 0, arrived(root, rank_), ++sent_[r]);
+    send_piece(x, root);
+  }
+
+  // All-reduce: every rank copies its piece to every other rank, then sums the world's copies into
+  // its own in rank order: the slots of the ranks below it into the lowest one's slot, that into its
+  // own piece (fp32 addition commutes, so this is (g0 + ... + g_{rank-1}) + g_rank to the bit), and
+  // then the slots of the ranks above it one by one. Its own adds wait until its copies have read
+  // the piece.
+  void start_peer_sum(Tensor x) {
+    const int64_t offset = x.ptr<float>() - grad_.ptr<float>();
+    peer_step_ = true;
+    arm_copies();
+    after_compute(copy_stream_);
+    for (int to = 0; to < world_; ++to)
+      if (to != rank_) send_piece(x, to);
+    after(copy_stream_, add_stream_);
+    wait_for_pieces();
+    float* below = nullptr;
+    for (int from = 0; from < rank_; ++from) {
+      float* s = slot(rank_, from) + offset;
+      if (below)
+        add(below, s, x.numel());
+      else
+        below = s;
+    }
+    if (below) add(x.ptr<float>(), below, x.numel());
+    for (int from = rank_ + 1; from < world_; ++from) add(x.ptr<float>(), slot(rank_, from) + offset, x.numel());
   }
 
   // The end of a step's reduce: the compute stream waits for this rank's copies (backward rewrites
@@ -342,16 +393,18 @@ class NcclCommunicator final : public Communicator {
               std::string("NCCL ") + op + ": a contiguous f32 GPU tensor");
   }
 
-  // `stream` (communication or copy) waits for what the compute stream has queued so far.
-  void after_compute(cudaStream_t stream) {
+  // `stream` (communication, copy or add) waits for what the compute stream has queued so far.
+  void after_compute(cudaStream_t stream) { after(compute_, stream); }
+  // `waiter` waits for what `stream` has queued so far.
+  void after(cudaStream_t stream, cudaStream_t waiter) {
     if (n_ready_used_ == ready_.size()) {
       cudaEvent_t e = nullptr;
       cudaCheck(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
       ready_.push_back(e);
     }
     cudaEvent_t e = ready_[n_ready_used_++];
-    cudaCheck(cudaEventRecord(e, compute_));
-    cudaCheck(cudaStreamWaitEvent(stream, e, 0));
+    cudaCheck(cudaEventRecord(e, stream));
+    cudaCheck(cudaStreamWaitEvent(waiter, e, 0));
   }
 
   // The compute stream waits for every collective queued so far; the host
@@ -397,16 +450,17 @@ class NcclCommunicator final : public Communicator {
   using StreamValueFn = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
   StreamValueFn wait_value_ = nullptr, write_value_ = nullptr;  // cuStreamWaitValue32, cuStreamWriteValue32
   bool peer_ = false;
+  bool summing_ = false;  // all-reduce (every rank receives every piece), not ZeRO-1's reduce
   Tensor grad_;
   std::vector<int64_t> offsets_;
   void* base_ = nullptr;          // this rank's slots and flags
   std::vector<void*> peer_base_;  // the other ranks', mapped
   cudaStream_t copy_stream_ = nullptr;
   cudaEvent_t copy_done_ = nullptr, peer_done_ = nullptr;
-  cudaStream_t add_stream_ = nullptr;  // the owner's adds, beside backward
+  cudaStream_t add_stream_ = nullptr;  // the receiver's adds, beside backward
   uint32_t seq_ = 0;                   // steps whose reduce finished
-  uint32_t received_ = 0;              // pieces of this rank's shard so far (every step)
-  std::vector<uint32_t> sent_;         // pieces sent to each owner so far
+  uint32_t received_ = 0;              // pieces this rank has received so far (every step)
+  std::vector<uint32_t> sent_;         // pieces sent to each rank so far
   bool peer_step_ = false, copy_armed_ = false;
 };
 

@@ -131,9 +131,9 @@ const std::vector<Field>& schema() {
         // distributed
         RT_FIELD(distributed, timeout_s, Kind::number, "600", "a collective that takes longer aborts every rank", 1, 1e6, ),
         RT_FIELD(distributed, max_memory_per_gpu, Kind::string, "\"\"", "budget the memory plan must fit per GPU, e.g. 20GiB; empty = its free memory; when set, the CPU path checks it too", ),
-        RT_FIELD(distributed, ddp_bucket_cap_mb, Kind::number, "64", "gradients are reduced in backward in groups of layers of at least this many MiB (fp32), as DDP's bucket_cap_mb; 0 = each layer alone", 0, 1e6, ),
+        RT_FIELD(distributed, ddp_bucket_cap_mb, Kind::number, "64", "gradients are reduced in backward in groups of layers of at least this many MiB (fp32), as DDP's bucket_cap_mb, when NCCL reduces them (the copy engines of distributed.grad_reduce: auto take each layer as soon as it is ready); 0 = each layer alone", 0, 1e6, ),
         RT_FIELD(distributed, zero_stage, Kind::integer, "0", "1 = shard optimizer states and masters over ranks (full fine-tuning)", 0, 1, ),
-        RT_FIELD(distributed, zero_reduce, Kind::string, "auto", "ZeRO-1's gradient reduce on the GPU: auto = copy engines over CUDA IPC when every rank is one GPU of one host, else NCCL; nccl = always NCCL", -kInf, kInf, false, {"auto", "nccl"}, ),
+        RT_FIELD(distributed, grad_reduce, Kind::string, "auto", "the gradient reduce of data parallel on the GPU: auto = over the copy engines (CUDA IPC) when every rank is one GPU of one host, for ZeRO-1's reduce to the shards' owners and LoRA's all-reduce, else NCCL; nccl = always NCCL", -kInf, kInf, false, {"auto", "nccl"}, ),
         RT_FIELD(distributed, allow_shared_gpus, Kind::boolean, "false", "allow more ranks than GPUs on a node (ranks share GPUs)", ),
         // checkpoint
         RT_FIELD(checkpoint, save_steps, Kind::integer, "0", "save every N steps (0 = only at the end)", 0, 1e12, ),
@@ -313,6 +313,10 @@ const Field* find_field(const std::string& section, const std::string& key) {
 }
 
 [[noreturn]] void unknown_key(const std::string& where, const std::string& section, const std::string& key) {
+  // A key an earlier version had gets its new name.
+  if (section == "distributed" && key == "zero_reduce")
+    throw UserError(where + ": distributed.zero_reduce is now distributed.grad_reduce (the same values; it covers "
+                    "LoRA's all-reduce too): rename the key");
   // A key that exists in another section gets that section named; otherwise the closest key of
   // this section.
   for (const auto& f : schema())

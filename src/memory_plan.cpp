@@ -218,13 +218,14 @@ MemoryPlan plan_memory(const ModelOptions& o, const PlanSettings& s) {
   }
   if (p.trainable_params > 0) p.gradients = alloc(p.trainable_params * 4);
   p.notes.gradients = "fp32, " + millions(p.trainable_params) + " values";
-  if (sharded && s.gpu && s.zero_reduce_by_copies && first) {
-    // Communicator::reduce_by_peer_copies: one slot of this rank's shard per other rank, and flags.
-    std::vector<int64_t> offsets(static_cast<size_t>(world) + 1, mine.elements);
-    offsets[0] = 0;
-    p.gradients += alloc(Communicator::peer_reduce_bytes(offsets, 0));
-    p.notes.gradients += " + ZeRO-1's receive slots for the copy-engine reduce (" + std::to_string(world - 1) +
-                         " x the shard; distributed.zero_reduce: nccl saves them)";
+  if (s.gpu && s.reduce_by_copies && world > 1 && (sharded || o.lora) && first) {
+    // Communicator::reduce_by_peer_copies: a receive slot per other rank (of this rank's shard under
+    // ZeRO-1, of every adapter's gradient in LoRA's all-reduce), and flags.
+    const int64_t slot = sharded ? mine.elements : p.trainable_params;
+    p.gradients += alloc(Communicator::peer_copy_bytes(slot, static_cast<int>(world)));
+    p.notes.gradients += " + receive slots for the copy-engine reduce (" + std::to_string(world - 1) + " x " +
+                         (sharded ? "ZeRO-1's shard" : "the adapters' gradients") +
+                         "; distributed.grad_reduce: nccl saves them)";
   }
 
   // ---- optimizer: Optimizer's constructor ----------------------------------------------------
@@ -387,7 +388,7 @@ PlanSettings plan_settings_from(const RunConfig& cfg, bool gpu, int rank, int wo
   s.load_in_4bit = cfg.model.load_in_4bit;
   s.world_size = world_size;
   s.zero_stage = static_cast<int>(cfg.distributed.zero_stage);
-  s.zero_reduce_by_copies = gpu && cfg.distributed.zero_reduce == "auto";
+  s.reduce_by_copies = gpu && cfg.distributed.grad_reduce == "auto";
   // run_train's exact-match eval: rank 0 generates for a prompt/completion JSONL eval file.
   s.generation = rank == 0 && ends_with(cfg.data.eval_file, ".jsonl") &&
                  (cfg.data.format == "auto" || cfg.data.format == "prompt_completion");

@@ -372,16 +372,20 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
   std::unique_ptr<Communicator> comm = make_communicator(*s.backend, cfg.distributed.timeout_s);
   const bool zero = zero_stage_1(cfg, li);
   Optimizer opt(*s.backend, params, tc, zero ? comm.get() : nullptr);
-  // Gradients are reduced in groups of buckets during backward: summed on every rank, or under
-  // ZeRO-1 each piece only to the rank whose shard holds it (the optimizer's shard offsets).
-  // ddp_bucket_cap_mb is in MiB, as torch's DDP reads bucket_cap_mb.
-  const auto cap_bytes = static_cast<int64_t>(cfg.distributed.ddp_bucket_cap_mb * 1024 * 1024);
+  // Gradients are reduced bucket by bucket during backward: summed on every rank, or under ZeRO-1
+  // each piece only to the rank whose shard holds it (the optimizer's shard offsets). On one host
+  // they cross over the copy engines rather than in NCCL's kernels, which would take SMs from
+  // backward (distributed.grad_reduce; see comm.h): ZeRO-1's pieces to their owners, LoRA's
+  // adapters to every rank. Full fine-tuning without ZeRO-1 keeps NCCL's all-reduce: a receive slot
+  // of its gradients per other rank would cost a model's size in memory.
+  const bool by_copies = cfg.distributed.grad_reduce == "auto" && (zero || cfg.lora.enabled) &&
+                         comm->reduce_by_peer_copies(params.grad, zero ? opt.shard_offsets() : std::vector<int64_t>{});
+  // NCCL's reductions go in groups of buckets of at least ddp_bucket_cap_mb MiB (as torch's DDP
+  // reads bucket_cap_mb), each collective paying its latency; a copy starts as soon as its bucket
+  // is ready.
+  const auto cap_bytes = by_copies ? 0 : static_cast<int64_t>(cfg.distributed.ddp_bucket_cap_mb * 1024 * 1024);
   GradReducer reducer(*comm, params, static_cast<int>(s.arch.n_layers), cap_bytes,
                       zero ? &opt.shard_offsets() : nullptr);
-  // ZeRO-1 on one host: the pieces cross to their owners on the copy engines rather than in NCCL's
-  // reduce kernels, which would take SMs from backward (distributed.zero_reduce; see comm.h).
-  const bool peer_reduce =
-      zero && cfg.distributed.zero_reduce == "auto" && comm->reduce_by_peer_copies(params.grad, opt.shard_offsets());
   reducer.exchange_embedding_rows(model);  // full fine-tuning of a tied embedding (see model.h)
   model.ledger().on_bucket_ready = [&](int bucket) { reducer.reduce_bucket(bucket); };
   model.before_forward_weights = [&](int layer) { opt.wait_for_weights(layer); };  // ZeRO-1's all-gather
@@ -463,7 +467,10 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
       std::printf(
           "ZeRO-1: fp32 masters and optimizer states sharded over %d ranks (whole tensors per shard); "
           "gradients to their owners %s\n",
-          li.world_size, peer_reduce ? "over the copy engines (CUDA IPC)" : ("by " + comm->name()).c_str());
+          li.world_size, by_copies ? "over the copy engines (CUDA IPC)" : ("by " + comm->name()).c_str());
+    else if (li.world_size > 1 && s.placement.use_gpu)
+      std::printf("gradients summed over the ranks %s\n",
+                  by_copies ? "over the copy engines (CUDA IPC)" : ("by " + comm->name()).c_str());
     if (li.world_size > 1)
       for (int r = 0; r < li.world_size; ++r) std::printf("  rank %d: %s\n", r, rank_devices[static_cast<size_t>(r)].c_str());
     if (!s.stages.empty())

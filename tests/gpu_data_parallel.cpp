@@ -1,7 +1,7 @@
 // Data parallel on two GPUs (NCCL): 2 ranks with batch b train what 1 rank with batch 2b trains,
 // within bf16 tolerance (GEMMs of other shapes round differently; the gradients are summed in fp32);
 // with ZeRO-1 too (gradients reduced to their shard's owner during backward, updated weights
-// broadcast from it), and ZeRO-1's copy-engine reduce against NCCL's.
+// broadcast from it), and the copy-engine reduces (ZeRO-1's, LoRA's all-reduce) against NCCL's.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -107,7 +107,7 @@ void check_two_gpus_equal_one(Training training) {
 
 }  // namespace
 
-// ZeRO-1's gradients cross to their owners over the copy engines (distributed.zero_reduce: auto, on
+// ZeRO-1's gradients cross to their owners over the copy engines (distributed.grad_reduce: auto, on
 // one host) or in NCCL's reduce kernels (nccl). With two ranks each owner adds the same two fp32
 // values either way, so the runs must agree to the bit: losses and final weights. Each layer is a
 // group of its own (ddp_bucket_cap_mb 0), so copies run during backward, and with gradient
@@ -126,7 +126,7 @@ TEST(GpuDataParallel, Zero1CopyEngineReduceMatchesNcclBitForBit) {
   EXPECT_NE(copies.output.find("gradients to their owners over the copy engines (CUDA IPC)"), std::string::npos)
       << copies.output;
   const CommandResult nccl =
-      run_command(run + " --set distributed.zero_reduce=nccl --set training.output_dir=" + dir + "/nccl", 1);
+      run_command(run + " --set distributed.grad_reduce=nccl --set training.output_dir=" + dir + "/nccl", 1);
   ASSERT_EQ(nccl.code, 0) << nccl.output;
   EXPECT_NE(nccl.output.find("gradients to their owners by NCCL"), std::string::npos) << nccl.output;
   const auto a = logged_losses(dir + "/copies"), b = logged_losses(dir + "/nccl");
@@ -206,4 +206,41 @@ TEST(GpuDeviceMapAuto, TwoRanksOfTwoGpusEqualTwoRanksOfOne) {
   const double worst = largest_relative_loss_difference(dir + "/auto", dir + "/plain");
   std::printf("[device_map auto] 2 ranks x 2 GPUs vs 2 ranks x 1 GPU: largest relative loss difference %.3e\n", worst);
   EXPECT_LT(worst, 1e-5);
+}
+
+// LoRA's gradients are summed over the copy engines (distributed.grad_reduce: auto, on one host):
+// each rank copies each layer's adapter gradients to the other as soon as backward has written
+// them, and adds the other's copy to its own. With two ranks both add the same two fp32 values, as
+// NCCL's all-reduce does, so the runs must agree to the bit: losses and the saved adapter. Gradient
+// accumulation and ten steps run the counters that order the copies on across micro-batches and
+// steps.
+TEST(GpuDataParallel, LoraCopyEngineAllReduceMatchesNcclBitForBit) {
+  SKIP_WITHOUT_GPUS(2);
+  const std::string dir = fresh_temp_dir("gpu_dp_lora_copy_engines");
+  write_run_yaml(dir + "/run.yaml", 4, "", "{enabled: true, r: 8, lora_alpha: 16}",
+                 "{max_steps: 10, learning_rate: 2.0e-3, warmup_steps: 2, gradient_accumulation_steps: 2}");
+  const std::string run = mpirun_two_ranks() + RANKTUNE_BINARY + " train " + dir +
+                          "/run.yaml --set model.enable_multi_gpu=true --set training.per_device_train_batch_size=2";
+  const CommandResult copies = run_command(run + " --set training.output_dir=" + dir + "/copies", 1);
+  ASSERT_EQ(copies.code, 0) << copies.output;
+  EXPECT_NE(copies.output.find("gradients summed over the ranks over the copy engines (CUDA IPC)"), std::string::npos)
+      << copies.output;
+  EXPECT_NE(copies.output.find("receive slots for the copy-engine reduce"), std::string::npos) << copies.output;
+  const CommandResult nccl =
+      run_command(run + " --set distributed.grad_reduce=nccl --set training.output_dir=" + dir + "/nccl", 1);
+  ASSERT_EQ(nccl.code, 0) << nccl.output;
+  EXPECT_NE(nccl.output.find("gradients summed over the ranks by NCCL"), std::string::npos) << nccl.output;
+  const auto a = logged_losses(dir + "/copies"), b = logged_losses(dir + "/nccl");
+  ASSERT_EQ(a.size(), 10u);
+  EXPECT_EQ(a, b);
+  EXPECT_LT(a.back(), a.front());
+  ranktune::SafetensorsFile x(dir + "/copies/adapter/adapter_model.safetensors"),
+      y(dir + "/nccl/adapter/adapter_model.safetensors");
+  ASSERT_EQ(x.names(), y.names());
+  size_t differing = 0;
+  for (const auto& name : x.names())
+    if (x.read_f32(name) != y.read_f32(name)) ++differing;
+  std::printf("[lora] copy engines vs NCCL: %zu of %zu adapter tensors differ after 10 steps\n", differing,
+              x.names().size());
+  EXPECT_EQ(differing, 0u);
 }

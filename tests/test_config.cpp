@@ -84,9 +84,11 @@ TEST(Config, OutOfRangeValuesAreErrors) {
   EXPECT_NE(err.find("lora.lora_dropout"), std::string::npos) << err;
   err = error_of(std::string(kBase) + "  optim: sgd\n");
   EXPECT_NE(err.find("is not one of: adamw, adamw_8bit"), std::string::npos) << err;
-  err = error_of(std::string(kBase) + "distributed:\n  zero_reduce: copy\n");
-  EXPECT_NE(err.find("distributed.zero_reduce"), std::string::npos) << err;
+  err = error_of(std::string(kBase) + "distributed:\n  grad_reduce: copy\n");
+  EXPECT_NE(err.find("distributed.grad_reduce"), std::string::npos) << err;
   EXPECT_NE(err.find("is not one of: auto, nccl"), std::string::npos) << err;
+  err = error_of(std::string(kBase) + "distributed:\n  zero_reduce: nccl\n");
+  EXPECT_NE(err.find("distributed.zero_reduce is now distributed.grad_reduce"), std::string::npos) << err;
 }
 
 TEST(Config, ContradictionsAreErrors) {

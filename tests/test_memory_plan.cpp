@@ -266,7 +266,7 @@ TEST(MemoryPlan, CountsZeroReceiveSlotsOfTheCopyEngineReduce) {
     s.world_size = world;
     s.zero_stage = 1;
     const MemoryPlan nccl = plan_memory(o, s);
-    s.zero_reduce_by_copies = true;
+    s.reduce_by_copies = true;
     const MemoryPlan copies = plan_memory(o, s);
     const double grads = static_cast<double>(nccl.gradients);
     const double slots = static_cast<double>(copies.gradients - nccl.gradients);
@@ -277,6 +277,39 @@ TEST(MemoryPlan, CountsZeroReceiveSlotsOfTheCopyEngineReduce) {
     EXPECT_GT(slots, grads * (world - 1) / world * 0.98) << world;
     EXPECT_LT(slots, grads * (world - 1) / world * 1.25) << world;
     EXPECT_NE(copies.notes.gradients.find("receive slots"), std::string::npos) << copies.notes.gradients;
+  }
+}
+
+// LoRA's all-reduce over the copy engines holds a receive slot of every adapter's gradient per
+// other rank; full fine-tuning without ZeRO-1 keeps NCCL's all-reduce and no slots.
+TEST(MemoryPlan, CountsLoraReceiveSlotsOfTheCopyEngineAllReduce) {
+  for (bool lora : {true, false}) {
+    ModelOptions o = llama1b_options();
+    o.lora = lora;
+    o.lora_r = 16;
+    o.lora_targets = kAll;
+    o.train_base = !lora;
+    o.max_batch = 2;
+    o.max_seq = 2048;
+    for (int world : {1, 2, 4}) {
+      o.data_parallel_ranks = world;
+      PlanSettings s;
+      s.world_size = world;
+      const MemoryPlan nccl = plan_memory(o, s);
+      s.reduce_by_copies = true;
+      const MemoryPlan copies = plan_memory(o, s);
+      const int64_t slots = copies.gradients - nccl.gradients;
+      if (!lora || world == 1) {
+        EXPECT_EQ(slots, 0) << "lora " << lora << ", world " << world;
+        continue;
+      }
+      // (world - 1) x the adapters' fp32 gradients, and a few flags.
+      const int64_t adapters = copies.lora_params * 4;
+      EXPECT_GT(adapters, 40'000'000);  // r = 16 on all seven modules of 16 layers: 11.3M params
+      EXPECT_GE(slots, (world - 1) * adapters) << world;
+      EXPECT_LT(slots, (world - 1) * adapters + (4 << 20)) << world;
+      EXPECT_NE(copies.notes.gradients.find("the adapters' gradients"), std::string::npos) << copies.notes.gradients;
+    }
   }
 }
 

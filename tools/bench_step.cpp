@@ -17,19 +17,20 @@
 //   --zero 1     ZeRO-1 (full with --ranks > 1 only), as distributed.zero_stage: 1 trains: fp32
 //                masters and AdamW states sharded over the ranks, gradients reduced to their shard's
 //                owner during backward, updated weights broadcast from their owners
-//   --bucket-cap-mb N  gradient reductions grouped up to N MiB, as distributed.ddp_bucket_cap_mb
+//   --bucket-cap-mb N  NCCL's gradient reductions grouped up to N MiB, as distributed.ddp_bucket_cap_mb
 //                (default 64; 0 = each layer alone)
-//   --copy-engines 0|1  under --zero 1, gradients to their owners over the copy engines (CUDA IPC) as
-//                distributed.zero_reduce: auto does on one host (1, the default), or by NCCL (0)
+//   --copy-engines 0|1  with --ranks > 1, LoRA's (and QLoRA's) gradients summed, or under --zero 1
+//                sent to their owners, over the copy engines (CUDA IPC) as distributed.grad_reduce:
+//                auto does on one host (1, the default), or by NCCL (0)
 //
 // Output: exactly one JSON line on stdout, in the form tools/hf_peer_baseline.py prints for the HF
 // peer (peer, mode, gpus, batch_per_gpu, seq, layers, grad_ckpt, params_total, params_trainable,
 // tokens_per_s, step_ms, peak_mem_gib, loss, gpu), plus model_flops_per_token (see
 // flops_per_token below), model_tflops_per_s, plan_mem_gib (the memory plan's total for the run,
-// src/memory_plan.cpp, to compare with peak_mem_gib), zero (0 or 1), zero_reduce (copy_engines or nccl), steps, warmup,
-// profiled and, with --profile 1, profile: {steps, step_ms, gpu_span_ms, ops_ms, ops: [{op, calls, ms, gflop}]} (per
-// step). gemm mode prints {peer, mode: "gemm", gemm_tflops (best shape), shapes: [...], gpu}. Errors go to stderr; exit
-// 2 for a usage error or a mode that is not available, 1 for a failure.
+// src/memory_plan.cpp, to compare with peak_mem_gib), zero (0 or 1), grad_reduce (copy_engines or nccl; "" on one GPU),
+// steps, warmup, profiled and, with --profile 1, profile: {steps, step_ms, gpu_span_ms, ops_ms, ops: [{op, calls, ms,
+// gflop}]} (per step). gemm mode prints {peer, mode: "gemm", gemm_tflops (best shape), shapes: [...], gpu}. Errors go
+// to stderr; exit 2 for a usage error or a mode that is not available, 1 for a failure.
 #include <cuda_runtime.h>
 #include <mpi.h>
 
@@ -58,7 +59,7 @@ constexpr const char* kUsage =
     "usage: ranktune_bench_step lora|full|qlora|gemm [--gc 0|1|2|3 (2 = offload, 3 = keep_attention)]\n"
     "                           [--steps N] [--warmup N] [--batch B]\n"
     "                           [--seq T] [--layers L] [--profile 0|1] [--ranks N] [--zero 0|1 (full, --ranks > 1)]\n"
-    "                           [--bucket-cap-mb N] [--copy-engines 0|1 (with --zero 1)]\n"
+    "                           [--bucket-cap-mb N] [--copy-engines 0|1 (--ranks > 1; lora, qlora or --zero 1)]\n"
     "                           [--iters N]\n";
 
 [[noreturn]] void usage_error(const std::string& msg) {
@@ -311,10 +312,13 @@ int run_training(const Args& args) {
   // weights overlapped with its updates (src/optimizer.cpp).
   std::unique_ptr<Communicator> comm = make_communicator(be, 600);
   Optimizer opt(be, model.trainable(), tc, args.zero ? comm.get() : nullptr);
-  GradReducer reducer(*comm, model.trainable(), static_cast<int>(a.n_layers), int64_t{args.bucket_cap_mb} << 20,
-                      args.zero ? &opt.shard_offsets() : nullptr);
-  const bool peer_reduce =
-      args.zero && args.copy_engines && comm->reduce_by_peer_copies(model.trainable().grad, opt.shard_offsets());
+  // As the trainer: the copy engines carry ZeRO-1's or LoRA's gradients on one host, each layer as
+  // soon as it is ready; NCCL's reductions go in groups of --bucket-cap-mb.
+  const bool by_copies =
+      args.ranks > 1 && args.copy_engines && (args.zero || o.lora) &&
+      comm->reduce_by_peer_copies(model.trainable().grad, args.zero ? opt.shard_offsets() : std::vector<int64_t>{});
+  GradReducer reducer(*comm, model.trainable(), static_cast<int>(a.n_layers),
+                      by_copies ? 0 : int64_t{args.bucket_cap_mb} << 20, args.zero ? &opt.shard_offsets() : nullptr);
   reducer.exchange_embedding_rows(model);  // as the trainer: the tied embedding's lookup rows
   model.ledger().on_bucket_ready = [&](int bucket) { reducer.reduce_bucket(bucket); };
   model.before_forward_weights = [&](int layer) { opt.wait_for_weights(layer); };  // as the trainer
@@ -359,7 +363,7 @@ int run_training(const Args& args) {
   plan.load_in_4bit = args.mode == "qlora";
   plan.world_size = args.ranks;
   plan.zero_stage = args.zero;
-  plan.zero_reduce_by_copies = peer_reduce;
+  plan.reduce_by_copies = by_copies;
   nlohmann::json j = {{"peer", "ranktune"},
                       {"mode", args.mode},
                       {"gpus", args.ranks},
@@ -375,7 +379,7 @@ int run_training(const Args& args) {
                       {"plan_mem_gib", static_cast<double>(plan_memory(o, plan).total) / (1 << 30)},
                       {"loss", loss},
                       {"zero", args.zero},
-                      {"zero_reduce", args.zero ? (peer_reduce ? "copy_engines" : "nccl") : ""},
+                      {"grad_reduce", args.ranks > 1 ? (by_copies ? "copy_engines" : "nccl") : ""},
                       {"bucket_cap_mb", args.bucket_cap_mb},
                       {"gpu", gpu_name()},
                       {"model_flops_per_token", fpt},

@@ -78,20 +78,28 @@ class Communicator {
   // Sums the f32 tensor x over ranks into root's x; the other ranks' x is left undefined (ZeRO-1: a
   // piece of a gradient bucket, to the rank whose shard holds it).
   virtual void start_reduce(Tensor x, int root) = 0;
-  // ZeRO-1 on one host (distributed.zero_reduce: auto). From now on start_reduce() of a slice of
-  // `grad` -- the flat gradient buffer, shard r = [shard_offsets[r], shard_offsets[r+1]) -- copies the
-  // slice into a receive buffer on its root's GPU over the copy engines (CUDA IPC), and the root adds
-  // it to its own as soon as it has arrived, beside backward; finish_started() waits for the adds.
-  // No SM of either GPU moves the bytes. Collective; every rank gets the same answer.
-  // false (and nothing changes) where this communicator cannot: MPI, ranks on several hosts, no
-  // peer access between the GPUs, or too little memory for the receive buffers.
+  // The gradients over the copy engines on one host (distributed.grad_reduce: auto): NCCL's kernels
+  // would take SMs from backward for as long as the gradients cross. `grad` is the flat gradient
+  // buffer; from now on start_sum() or start_reduce() of a slice of it copies the slice into a
+  // receive buffer on the other GPUs (CUDA IPC) on a copy stream, which no SM serves, and the
+  // receiver adds the copies to its own as soon as they have arrived, beside backward;
+  // finish_started() waits for the adds.
+  //   ZeRO-1 (shard_offsets: world + 1 offsets, shard r = [shard_offsets[r], shard_offsets[r+1])):
+  //     start_reduce(slice, root) copies it to its root only.
+  //   All-reduce (shard_offsets empty; LoRA's adapters): start_sum(slice) copies it to every other
+  //     rank, and each rank adds the world's copies in rank order, ((g0 + g1) + g2) + ..., so every
+  //     rank holds the same bits, as NCCL's all-reduce leaves them.
+  // Collective; every rank gets the same answer. false (and nothing changes) where this
+  // communicator cannot: MPI, ranks on several hosts, no peer access between the GPUs, or too
+  // little memory for the receive buffers.
   virtual bool reduce_by_peer_copies(Tensor grad, const std::vector<int64_t>& shard_offsets) {
     (void)grad, (void)shard_offsets;
     return false;
   }
-  // Bytes of GPU memory reduce_by_peer_copies() allocates on `rank`: its shard's gradients once per
-  // other rank, plus a few flags (src/memory_plan.cpp plans them).
-  static int64_t peer_reduce_bytes(const std::vector<int64_t>& shard_offsets, int rank);
+  // Bytes of GPU memory reduce_by_peer_copies() allocates on each rank: a receive slot of
+  // slot_numel f32 values per other rank (ZeRO-1: the rank's shard; all-reduce: the whole buffer),
+  // plus a few flags (src/memory_plan.cpp plans them).
+  static int64_t peer_copy_bytes(int64_t slot_numel, int world);
   // Copies each root's x to every rank; f32 or the activation dtype (ZeRO-1: updated weights'
   // compute copies, each from the rank that updated it). One batch is one launch on the GPU (an
   // NCCL group): many small broadcasts would each pay NCCL's latency.

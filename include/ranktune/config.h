@@ -79,7 +79,8 @@ struct DistributedSection {
   double timeout_s = 0;
   std::string max_memory_per_gpu;  // e.g. "20GiB"; empty = all free memory
   int64_t zero_stage = 0;
-  std::string zero_reduce = "auto";  // ZeRO-1's gradient reduce on the GPU: auto (copy engines on one host) or nccl
+  std::string grad_reduce =
+      "auto";  // data parallel's gradient reduce on the GPU: auto (copy engines on one host) or nccl
   double ddp_bucket_cap_mb = 64;   // gradient reductions grouped up to this size (fp32 MiB); 0 = per layer
   bool allow_shared_gpus = false;  // more ranks than GPUs on a node
 };

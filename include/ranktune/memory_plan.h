@@ -24,9 +24,10 @@ struct PlanSettings {
   bool load_in_4bit = false;  // frozen base linear weights as NF4 (QLoRA)
   int world_size = 1;
   int zero_stage = 0;       // 1: optimizer states and masters of full fine-tuning sharded over ranks
-  // ZeRO-1's gradients cross to their owners over the copy engines (distributed.zero_reduce: auto
-  // on the GPU): each rank holds a receive slot of its shard per other rank.
-  bool zero_reduce_by_copies = false;
+  // Data parallel's gradients cross over the copy engines (distributed.grad_reduce: auto on the
+  // GPU), under ZeRO-1 or with LoRA: each rank holds a receive slot per other rank, of its shard
+  // (ZeRO-1) or of all the adapters' gradients (LoRA).
+  bool reduce_by_copies = false;
   bool generation = false;  // the run generates at its end (a KV cache of [B, T] per layer)
   // device_map auto: plan one GPU of the model, holding stage_layers of its layers (-1: all); the
   // first also holds the embedding, final norm, head, loss chunk and the LoRA adapters with their
