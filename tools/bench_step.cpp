@@ -164,8 +164,10 @@ double flops_per_token(const LlamaArch& a, bool full, int64_t seq) {
 }
 
 std::string gpu_name() {
+  int device = 0;
+  BENCH_CUDA_CHECK(cudaGetDevice(&device));
   cudaDeviceProp prop{};
-  BENCH_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  BENCH_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
   return prop.name;
 }
 
@@ -286,6 +288,11 @@ int run_training(const Args& args) {
   // ZeRO-1 as the trainer runs it on the GPU: the optimizer keeps the fp32 masters of its shard.
   o.master_weights = args.zero == 0;
   o.data_parallel_ranks = args.ranks;
+  // This rank's GPU, current before anything creates a context (a rank would otherwise leave a
+  // context on GPU 0, and measure its free memory there).
+  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+  const int device = local ? std::atoi(local) : 0;
+  BENCH_CUDA_CHECK(cudaSetDevice(device));
   // Memory is counted from after context creation, like torch.cuda.max_memory_allocated; ranktune
   // allocates everything up front, so what is in use after the steps is the peak.
   BENCH_CUDA_CHECK(cudaFree(nullptr));
@@ -294,8 +301,7 @@ int run_training(const Args& args) {
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   o.data_parallel_rank = rank;
-  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
-  std::unique_ptr<Backend> cuda = make_cuda_backend(local ? std::atoi(local) : 0);
+  std::unique_ptr<Backend> cuda = make_cuda_backend(device);
   std::unique_ptr<bench::ProfilingBackend> prof;
   if (args.profile) prof = std::make_unique<bench::ProfilingBackend>(*cuda, a.vocab_size, o.lora ? o.lora_r : 0);
   Backend& be = prof ? static_cast<Backend&>(*prof) : *cuda;
