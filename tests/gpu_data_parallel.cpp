@@ -105,6 +105,25 @@ void check_two_gpus_equal_one(Training training) {
   EXPECT_LT(worst_w, 3e-2);
 }
 
+// `run` twice, over the copy engines (distributed.grad_reduce: auto) into dir/copies and by NCCL into
+// dir/nccl: each banner names its path (`copies_line`, `nccl_line`), and the logged losses of the
+// two runs agree to the bit and fall.
+void train_over_copies_and_nccl(const std::string& dir, const std::string& run, const std::string& copies_line,
+                                const std::string& nccl_line) {
+  const CommandResult copies = run_command(run + " --set training.output_dir=" + dir + "/copies", 1);
+  ASSERT_EQ(copies.code, 0) << copies.output;
+  EXPECT_NE(copies.output.find(copies_line), std::string::npos) << copies.output;
+  EXPECT_NE(copies.output.find("receive slots for the copy-engine reduce"), std::string::npos) << copies.output;
+  const CommandResult nccl =
+      run_command(run + " --set distributed.grad_reduce=nccl --set training.output_dir=" + dir + "/nccl", 1);
+  ASSERT_EQ(nccl.code, 0) << nccl.output;
+  EXPECT_NE(nccl.output.find(nccl_line), std::string::npos) << nccl.output;
+  const auto a = logged_losses(dir + "/copies"), b = logged_losses(dir + "/nccl");
+  ASSERT_EQ(a.size(), 10u);
+  EXPECT_EQ(a, b);
+  EXPECT_LT(a.back(), a.front());
+}
+
 }  // namespace
 
 // ZeRO-1's gradients cross to their owners over the copy engines (distributed.grad_reduce: auto, on
@@ -121,18 +140,9 @@ TEST(GpuDataParallel, Zero1CopyEngineReduceMatchesNcclBitForBit) {
   const std::string run = mpirun_two_ranks() + bin + " train " + dir +
                           "/run.yaml --set model.enable_multi_gpu=true --set distributed.zero_stage=1"
                           " --set distributed.ddp_bucket_cap_mb=0 --set training.per_device_train_batch_size=2";
-  const CommandResult copies = run_command(run + " --set training.output_dir=" + dir + "/copies", 1);
-  ASSERT_EQ(copies.code, 0) << copies.output;
-  EXPECT_NE(copies.output.find("gradients to their owners over the copy engines (CUDA IPC)"), std::string::npos)
-      << copies.output;
-  const CommandResult nccl =
-      run_command(run + " --set distributed.grad_reduce=nccl --set training.output_dir=" + dir + "/nccl", 1);
-  ASSERT_EQ(nccl.code, 0) << nccl.output;
-  EXPECT_NE(nccl.output.find("gradients to their owners by NCCL"), std::string::npos) << nccl.output;
-  const auto a = logged_losses(dir + "/copies"), b = logged_losses(dir + "/nccl");
-  ASSERT_EQ(a.size(), 10u);
-  EXPECT_EQ(a, b);
-  EXPECT_LT(a.back(), a.front());
+  train_over_copies_and_nccl(dir, run, "gradients to their owners over the copy engines (CUDA IPC)",
+                             "gradients to their owners by NCCL");
+  if (::testing::Test::HasFatalFailure()) return;
   // The final checkpoints: fp32 masters and AdamW's moments, gathered from both shards.
   const auto last = [&](const std::string& run) {
     const auto found = ranktune::list_checkpoints(dir + "/" + run + "/checkpoints");
@@ -221,19 +231,9 @@ TEST(GpuDataParallel, LoraCopyEngineAllReduceMatchesNcclBitForBit) {
                  "{max_steps: 10, learning_rate: 2.0e-3, warmup_steps: 2, gradient_accumulation_steps: 2}");
   const std::string run = mpirun_two_ranks() + RANKTUNE_BINARY + " train " + dir +
                           "/run.yaml --set model.enable_multi_gpu=true --set training.per_device_train_batch_size=2";
-  const CommandResult copies = run_command(run + " --set training.output_dir=" + dir + "/copies", 1);
-  ASSERT_EQ(copies.code, 0) << copies.output;
-  EXPECT_NE(copies.output.find("gradients summed over the ranks over the copy engines (CUDA IPC)"), std::string::npos)
-      << copies.output;
-  EXPECT_NE(copies.output.find("receive slots for the copy-engine reduce"), std::string::npos) << copies.output;
-  const CommandResult nccl =
-      run_command(run + " --set distributed.grad_reduce=nccl --set training.output_dir=" + dir + "/nccl", 1);
-  ASSERT_EQ(nccl.code, 0) << nccl.output;
-  EXPECT_NE(nccl.output.find("gradients summed over the ranks by NCCL"), std::string::npos) << nccl.output;
-  const auto a = logged_losses(dir + "/copies"), b = logged_losses(dir + "/nccl");
-  ASSERT_EQ(a.size(), 10u);
-  EXPECT_EQ(a, b);
-  EXPECT_LT(a.back(), a.front());
+  train_over_copies_and_nccl(dir, run, "gradients summed over the ranks over the copy engines (CUDA IPC)",
+                             "gradients summed over the ranks by NCCL");
+  if (::testing::Test::HasFatalFailure()) return;
   ranktune::SafetensorsFile x(dir + "/copies/adapter/adapter_model.safetensors"),
       y(dir + "/nccl/adapter/adapter_model.safetensors");
   ASSERT_EQ(x.names(), y.names());
