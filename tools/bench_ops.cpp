@@ -1,6 +1,13 @@
 // Op micro-benchmark on the GPU path at the Llama-3.2-1B shape (hidden 2048, 32 heads, 8 kv heads,
 // head_dim 64, ffn 8192, vocab 128256, batch 2 x 2048): time per op and achieved TFLOP/s or GB/s.
 // Prints one table. Usage: ranktune_bench_ops [iterations]
+//
+// Then one experiment: can full fine-tuning's AdamW (1.24B fp32 masters and moments, 37 GB moved,
+// memory-bound) run beside the next step's forward (compute-bound GEMMs) instead of before it? A
+// second backend on the same GPU (a stream of its own) updates the embedding and then layer l + 1
+// while the first runs layer l's forward ops, each layer's forward waiting for its own update, as
+// the optimizer would have to order them. It prints the two alone, one after the other, and
+// overlapped.
 #include <cuda_runtime.h>
 
 #include <chrono>
@@ -133,6 +140,101 @@ int main(int argc, char** argv) {
   hp.lr = 1e-4f;
   mem("adamw (16M params)", double(P) * (4 * 4 + 4 + 2 + 4), [&] { be->adamw_step(master, compute, grad, m, v, hp); });
 
+  keep.clear();  // the op operands above are done with; the experiment needs the room
+
+  // ---- AdamW beside the forward -------------------------------------------------------------------
+  // The forward's ops of one layer (no LoRA): ln1, qkv, RoPE, attention, o, the residual and ln2,
+  // gate_up, SwiGLU, down.
+  Tensor fx = random_tensor(*be, keep, bf, {N, C}, 1.f, 31), fln = random_tensor(*be, keep, bf, {N, C}, 1.f, 32);
+  Tensor fqkv = random_tensor(*be, keep, bf, {N, QKV}, 1.f, 33),
+         fatt = random_tensor(*be, keep, bf, {N, H * D}, 1.f, 34);
+  Tensor fgu = random_tensor(*be, keep, bf, {N, 2 * F}, 1.f, 35), fh = random_tensor(*be, keep, bf, {N, F}, 1.f, 36);
+  Tensor fmid = random_tensor(*be, keep, bf, {N, C}, 1.f, 30);
+  Tensor fdelta = random_tensor(*be, keep, bf, {N, C}, 1.f, 37),
+         frstd = random_tensor(*be, keep, DType::f32, {N}, 1.f, 38);
+  Tensor flse = random_tensor(*be, keep, DType::f32, {B, H, T}, 1.f, 39),
+         fnorm = random_tensor(*be, keep, bf, {C}, 1.f, 40);
+  Tensor fw_qkv = random_tensor(*be, keep, bf, {QKV, C}, 0.02f, 41),
+         fw_o = random_tensor(*be, keep, bf, {C, H * D}, 0.02f, 42);
+  Tensor fw_gu = random_tensor(*be, keep, bf, {2 * F, C}, 0.02f, 43),
+         fw_down = random_tensor(*be, keep, bf, {C, F}, 0.02f, 44);
+  keep.push_back(be->alloc(static_cast<size_t>(N) * 4));
+  Tensor fpos = keep.back().as(DType::i32, {N});
+  be->upload(fpos, pos.data());
+  keep.push_back(be->alloc(cs.size() * 4));
+  Tensor fcos = keep.back().as(DType::f32, {T, D / 2});
+  be->upload(fcos, cs.data());
+  const auto layer_forward = [&] {
+    be->residual_rmsnorm_forward(Tensor(), fln, frstd, fx, Tensor(), fnorm, 1e-5f);
+    be->matmul(fqkv, fln, fw_qkv, false, true, 1, 0);
+    be->rope_forward(fqkv.col_slice(0, (H + Hkv) * D), fpos, fcos, fcos, D);
+    be->attention_forward(fatt, flse, fqkv.col_slice(0, H * D), fqkv.col_slice(H * D, Hkv * D),
+                          fqkv.col_slice((H + Hkv) * D, Hkv * D), Tensor(), shape);
+    be->matmul(fdelta, fatt, fw_o, false, true, 1, 0);
+    be->residual_rmsnorm_forward(fmid, fln, frstd, fx, fdelta, fnorm, 1e-5f);
+    be->matmul(fgu, fln, fw_gu, false, true, 1, 0);
+    be->swiglu_forward(fh, fgu.col_slice(0, F), fgu.col_slice(F, F));
+    be->matmul(fdelta, fh, fw_down, false, true, 1, 0);
+  };
+  // The parameters in the model's order: the tied embedding, then 16 layers of 60.8M.
+  const int64_t n_layers = 16, layer_params = C * QKV + C * H * D + 3 * C * F + 2 * C, embed_params = V * C;
+  std::vector<int64_t> chunk_sizes{embed_params};
+  for (int64_t l = 0; l < n_layers; ++l) chunk_sizes.push_back(layer_params);
+  int64_t all_params = 0;
+  for (int64_t n : chunk_sizes) all_params += n;
+  // Four f32 arrays (master, gradient, m, v) and the bf16 weights, one allocation each.
+  keep.push_back(be->alloc(static_cast<size_t>(all_params) * 4));
+  Tensor o_master = keep.back().as(DType::f32, {all_params});
+  be->fill(o_master, 0.02f);
+  keep.push_back(be->alloc(static_cast<size_t>(all_params) * 4));
+  Tensor o_grad = keep.back().as(DType::f32, {all_params});
+  be->fill(o_grad, 1e-3f);
+  keep.push_back(be->alloc(static_cast<size_t>(all_params) * 4));
+  Tensor o_m = keep.back().as(DType::f32, {all_params});
+  keep.push_back(be->alloc(static_cast<size_t>(all_params) * 4));
+  Tensor o_v = keep.back().as(DType::f32, {all_params});
+  keep.push_back(be->alloc(static_cast<size_t>(all_params) * 2));
+  Tensor o_weights = keep.back().as(bf, {all_params});
+  auto upd = make_cuda_backend(0);  // the update stream
+  const auto update = [&](Backend& on, size_t chunk) {
+    int64_t at = 0;
+    for (size_t i = 0; i < chunk; ++i) at += chunk_sizes[i];
+    const int64_t n = chunk_sizes[chunk];
+    on.adamw_step(o_master.flat_slice(at, n), o_weights.flat_slice(at, n), o_grad.flat_slice(at, n),
+                  o_m.flat_slice(at, n), o_v.flat_slice(at, n), hp);
+  };
+  const int overlap_iters = std::max(2, iters / 4);
+  const auto both_ms = [&](const std::function<void()>& fn) {
+    fn();
+    be->synchronize(), upd->synchronize();
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < overlap_iters; ++i) fn();
+    be->synchronize(), upd->synchronize();
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / overlap_iters;
+  };
+  const double forward_ms = both_ms([&] {
+    for (int64_t l = 0; l < n_layers; ++l) layer_forward();
+  });
+  const double adamw_ms = both_ms([&] {
+    for (size_t c = 0; c < chunk_sizes.size(); ++c) update(*be, c);
+  });
+  const double serial_ms = both_ms([&] {
+    for (size_t c = 0; c < chunk_sizes.size(); ++c) update(*be, c);
+    for (int64_t l = 0; l < n_layers; ++l) layer_forward();
+  });
+  // Layer l's forward waits for the updates queued before it (the embedding's and its own); layer
+  // l + 1's update is queued after that wait, so it runs beside layer l's forward.
+  const double overlapped_ms = both_ms([&] {
+    upd->wait_for(*be);  // the step's backward (here: the last forward) has written the gradients
+    update(*upd, 0);
+    update(*upd, 1);
+    for (int64_t l = 0; l < n_layers; ++l) {
+      be->wait_for(*upd);
+      if (static_cast<size_t>(l) + 2 < chunk_sizes.size()) update(*upd, static_cast<size_t>(l) + 2);
+      layer_forward();
+    }
+  });
+
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
   std::printf("\nranktune op benchmark on %s, Llama-3.2-1B shape, batch 2 x 2048, %d iterations each\n", prop.name, iters);
@@ -140,5 +242,14 @@ int main(int argc, char** argv) {
   for (const auto& r : rows)
     std::printf("%-48s %10.3f %10s %10s\n", r.op.c_str(), r.ms, r.tflops > 0 ? std::to_string(int(r.tflops)).c_str() : "-",
                 r.gbps > 0 ? std::to_string(int(r.gbps)).c_str() : "-");
+  const double adamw_bytes = static_cast<double>(all_params) * (4 * 4 + 4 + 2 + 4);
+  std::printf(
+      "\nAdamW beside the forward (%.2fB params, %.1f GB moved; 16 layer forwards at batch 2 x 2048), %d "
+      "iterations each:\n",
+      static_cast<double>(all_params) / 1e9, adamw_bytes / 1e9, overlap_iters);
+  std::printf("  forward alone %.2f ms, AdamW alone %.2f ms (%.0f GB/s)\n", forward_ms, adamw_ms,
+              adamw_bytes / adamw_ms / 1e6);
+  std::printf("  one after the other %.2f ms, overlapped %.2f ms: %.2f ms saved (%.0f%% of AdamW)\n", serial_ms,
+              overlapped_ms, serial_ms - overlapped_ms, 100 * (serial_ms - overlapped_ms) / adamw_ms);
   return 0;
 }
