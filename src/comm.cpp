@@ -241,7 +241,7 @@ void GradReducer::reduce_bucket(int bucket) {
     held_bytes_ += p.numel * static_cast<int64_t>(sizeof(float));
   }
   ++reported_;
-  if (held_bytes_ >= cap_bytes_ || reported_ == buckets_with_pieces_) start_held();
+  if (comm_.copies_gradients() || held_bytes_ >= cap_bytes_ || reported_ == buckets_with_pieces_) start_held();
 }
 
 // The held buckets as one group: runs that are adjacent in the gradient buffer and go to the same

@@ -22,9 +22,10 @@
 //   consumed[o]: the steps whose pieces receiver o has added, so its slots are free again
 // A sender's first copy of step k waits (on its copy stream) for consumed[o] >= k-1 of every
 // receiver o; a receiver's add of its n-th piece waits (on its add stream) for arrived[r] >= n of
-// every sender r: every rank starts the same pieces in the same order. A counter travels as a 4-byte copy behind
-// the data on the same stream, so it lands after the data. The compute stream waits for the adds
-// in finish_started(), and the host watches it pass them under the watchdog, as it watches NCCL.
+// every sender r: every rank starts the same pieces in the same order. A counter travels as a
+// 4-byte copy behind the data on the same stream, so it lands after the data. The compute stream
+// waits for the adds in finish_started(), and the host watches it pass them under the watchdog, as
+// it watches NCCL.
 #include <cuda.h>  // the stream memory operations' types; the functions come via cudaGetDriverEntryPointByVersion
 #include <cuda_runtime.h>
 #include <nccl.h>
@@ -162,6 +163,8 @@ class NcclCommunicator final : public Communicator {
               "compute_waits_for: a mark since the last finish_started()");
     cudaCheck(cudaStreamWaitEvent(compute_, marks_[static_cast<size_t>(mark)], 0));
   }
+
+  bool copies_gradients() const override { return peer_; }
 
   bool reduce_by_peer_copies(Tensor grad, const std::vector<int64_t>& shard_offsets) override {
     if (world_ == 1) return false;

@@ -380,10 +380,9 @@ int run_train(const RunConfig& cfg, const LaunchInfo& li, const std::string& res
   // of its gradients per other rank would cost a model's size in memory.
   const bool by_copies = cfg.distributed.grad_reduce == "auto" && (zero || cfg.lora.enabled) &&
                          comm->reduce_by_peer_copies(params.grad, zero ? opt.shard_offsets() : std::vector<int64_t>{});
-  // NCCL's reductions go in groups of buckets of at least ddp_bucket_cap_mb MiB (as torch's DDP
-  // reads bucket_cap_mb), each collective paying its latency; a copy starts as soon as its bucket
-  // is ready.
-  const auto cap_bytes = by_copies ? 0 : static_cast<int64_t>(cfg.distributed.ddp_bucket_cap_mb * 1024 * 1024);
+  // NCCL's reductions go in groups of buckets of at least ddp_bucket_cap_mb MiB, as torch's DDP
+  // reads bucket_cap_mb (the copies go bucket by bucket).
+  const auto cap_bytes = static_cast<int64_t>(cfg.distributed.ddp_bucket_cap_mb * 1024 * 1024);
   GradReducer reducer(*comm, params, static_cast<int>(s.arch.n_layers), cap_bytes,
                       zero ? &opt.shard_offsets() : nullptr);
   reducer.exchange_embedding_rows(model);  // full fine-tuning of a tied embedding (see model.h)

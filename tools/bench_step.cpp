@@ -323,8 +323,8 @@ int run_training(const Args& args) {
   const bool by_copies =
       args.ranks > 1 && args.copy_engines && (args.zero || o.lora) &&
       comm->reduce_by_peer_copies(model.trainable().grad, args.zero ? opt.shard_offsets() : std::vector<int64_t>{});
-  GradReducer reducer(*comm, model.trainable(), static_cast<int>(a.n_layers),
-                      by_copies ? 0 : int64_t{args.bucket_cap_mb} << 20, args.zero ? &opt.shard_offsets() : nullptr);
+  GradReducer reducer(*comm, model.trainable(), static_cast<int>(a.n_layers), int64_t{args.bucket_cap_mb} << 20,
+                      args.zero ? &opt.shard_offsets() : nullptr);
   reducer.exchange_embedding_rows(model);  // as the trainer: the tied embedding's lookup rows
   model.ledger().on_bucket_ready = [&](int bucket) { reducer.reduce_bucket(bucket); };
   model.before_forward_weights = [&](int layer) { opt.wait_for_weights(layer); };  // as the trainer

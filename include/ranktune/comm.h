@@ -100,6 +100,8 @@ class Communicator {
   // slot_numel f32 values per other rank (ZeRO-1: the rank's shard; all-reduce: the whole buffer),
   // plus a few flags (src/memory_plan.cpp plans them).
   static int64_t peer_copy_bytes(int64_t slot_numel, int world);
+  // reduce_by_peer_copies() has said yes: the gradients cross over the copy engines.
+  virtual bool copies_gradients() const { return false; }
   // Copies each root's x to every rank; f32 or the activation dtype (ZeRO-1: updated weights'
   // compute copies, each from the rank that updated it). One batch is one launch on the GPU (an
   // NCCL group): many small broadcasts would each pay NCCL's latency.
@@ -143,7 +145,9 @@ class Communicator {
 // Reported buckets are held back until they reach cap_bytes together (distributed.ddp_bucket_cap_mb,
 // as DDP's bucket_cap_mb; 0: each bucket alone) or the last one is reported, and then reduced as
 // one group whose adjacent runs are merged: LoRA's layers are a few MB each, and a collective per
-// layer would pay its latency, and take SMs from backward's kernels, sixteen times.
+// layer would pay its latency, and take SMs from backward's kernels, sixteen times. When the
+// communicator copies the gradients over the copy engines (copies_gradients()) nothing is held:
+// a copy costs no SM and little latency, so each bucket goes as soon as it is ready.
 // finish() waits for every reduction before the gradients are read. Without shard offsets
 // each run is summed on every rank (all-reduce). Under ZeRO-1 (shard_offsets: the optimizer's
 // Optimizer::shard_offsets(), world + 1 element offsets of the shards in the flat gradient buffer)
