@@ -289,7 +289,17 @@ def cell(text):
     return str(text).replace("|", "\\|")
 
 
-def table_rows(keys, results, gemm_tflops):
+def hf_skip_reason(key, hf_skipped):
+    """Why a workload has no HF figures though the peer has a mode for it; hf_skipped is the meta's
+    "hf_skipped" (absent in reports from before it was recorded)."""
+    if hf_skipped == "all":
+        return "not run (--skip-hf)"
+    if hf_skipped == "multi_gpu" and WORKLOADS[key][3] > 1:
+        return "not run (--skip-hf-multi-gpu)"
+    return "not run"
+
+
+def table_rows(keys, results, gemm_tflops, hf_skipped=None):
     """Markdown rows of the main table. results: {(workload, peer): record}."""
     base = {}  # one-GPU results: "a", "c" on GPU 0, "a@gpu1" ... alone on the other GPUs
     for (key, peer), rec in results.items():
@@ -317,7 +327,7 @@ def table_rows(keys, results, gemm_tflops):
         elif hf_args is None:
             hf_cells = [HF_NONE_REASON.get(key, "n/a"), "-", "-"]
         else:
-            hf_cells = ["not run (--skip-hf)", "-", "-"]
+            hf_cells = [hf_skip_reason(key, hf_skipped), "-", "-"]
         if rt and hf:
             ratios = [fmt_ratio(rt["tokens_per_s"] / hf["tokens_per_s"]),
                       fmt_ratio(rt["peak_mem_gib"] / hf["peak_mem_gib"])]
@@ -378,7 +388,7 @@ def render_report(meta, keys, records, notes):
            "model FLOPs per token x tokens/s / (GPUs x the GEMM rate above). Peak memory: ranktune's device "
            "memory in use after the steps, counted from after CUDA context creation (it allocates everything "
            "up front); HF's torch.cuda.max_memory_allocated.", "",
-           markdown_table(HEADER, table_rows(keys, results, gemm_tflops))]
+           markdown_table(HEADER, table_rows(keys, results, gemm_tflops, meta.get("hf_skipped")))]
     if notes:
         out += [""] + [f"- {n}" for n in notes]
     for rec in records:
@@ -438,7 +448,8 @@ def main(argv=None):
     meta = {"gpu": gpu, "gpu_count": n_gpus, "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "batch": args.batch, "seq": args.seq, "layers": args.layers, "steps": args.steps,
-            "warmup": args.warmup, "workloads": args.keys}
+            "warmup": args.warmup, "workloads": args.keys,
+            "hf_skipped": "all" if args.skip_hf else "multi_gpu" if args.skip_hf_multi_gpu else None}
     runs, notes = plan(args, args.keys, n_gpus)
     if not os.path.exists(os.path.join(args.build_dir, "ranktune_bench_step")):
         notes.append(f"{args.build_dir}/ranktune_bench_step not found: build it first "

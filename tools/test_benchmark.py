@@ -98,6 +98,19 @@ class Workloads(unittest.TestCase):
         self.assertEqual([p for _, p, _, _ in runs], ["ranktune", "ranktune", "ranktune-profile"])
 
 
+    def test_skipped_hf_rows_name_the_flag(self):
+        records = [rec("a", "ranktune", rt("lora", 50000, 80, 3.4)),
+                   rec("e-a", "ranktune", rt("lora", 97000, 82, 3.8, gpus=2))]
+        for skipped, a_cell, e_cell in [("all", "not run (--skip-hf)", "not run (--skip-hf)"),
+                                        ("multi_gpu", "not run", "not run (--skip-hf-multi-gpu)"),
+                                        (None, "not run", "not run")]:
+            text = benchmark.render_report(dict(META, hf_skipped=skipped), ["a", "e-a"], records, [])
+            rows = {l.split(" | ")[0]: [c.strip() for c in l.strip("|").split(" | ")]
+                    for l in text.splitlines() if l.startswith("| (")}
+            self.assertEqual(rows["| (a) LoRA r=16, 7 modules, checkpointing"][5], a_cell)
+            self.assertEqual(rows["| (e) 2 GPUs, data parallel (a)"][5], e_cell)
+
+
 class Targets(unittest.TestCase):
     # The figures of docs/benchmarks.md (H100, commit 67f844f), and a 750 TFLOP/s GEMM rate.
     A_RT, A_HF = rt("lora", 53936, 75.9, 3.80), hf("lora", 15752, 260.0, 8.67)
