@@ -60,6 +60,16 @@ void ProfilingBackend::end_step() {
     t.ms += ms;
     t.flop += p.flop;
   }
+  for (size_t i = 1; i < pending_.size(); ++i) {
+    float idle = 0;  // previous op's end event to this op's start event
+    BENCH_CUDA_CHECK(cudaEventElapsedTime(&idle, events_[pending_[i - 1].start + 1], events_[pending_[i].start]));
+    if (idle <= 0) continue;
+    const std::string key = totals_[static_cast<size_t>(pending_[i - 1].op)].op + " -> " +
+                            totals_[static_cast<size_t>(pending_[i].op)].op;
+    Total& g = gaps_.try_emplace(key, Total{key, 0, 0, 0}).first->second;
+    g.calls += 1;
+    g.ms += idle;
+  }
   float span = 0;
   BENCH_CUDA_CHECK(cudaEventElapsedTime(&span, events_.front(), events_[events_used_ - 1]));
   span_ms_ += span;
@@ -74,6 +84,15 @@ std::vector<ProfileRow> ProfilingBackend::rows() const {
   for (const Total& t : totals_)
     if (t.calls) out.push_back(ProfileRow{t.op, t.calls / n, t.ms / n, t.flop / n / 1e9});
   std::sort(out.begin(), out.end(), [](const ProfileRow& a, const ProfileRow& b) { return a.ms > b.ms; });
+  return out;
+}
+
+std::vector<ProfileRow> ProfilingBackend::gaps(size_t top) const {
+  std::vector<ProfileRow> out;
+  const double n = steps_ ? steps_ : 1;
+  for (const auto& [key, g] : gaps_) out.push_back(ProfileRow{key, g.calls / n, g.ms / n, 0});
+  std::sort(out.begin(), out.end(), [](const ProfileRow& a, const ProfileRow& b) { return a.ms > b.ms; });
+  if (out.size() > top) out.resize(top);
   return out;
 }
 

@@ -55,6 +55,9 @@ class ProfilingBackend final : public Backend {
   std::vector<ProfileRow> rows() const;
   // First op's start to last op's end, per step: the ops' sum plus the GPU's idle gaps between them.
   double gpu_span_ms() const { return steps_ ? span_ms_ / steps_ : 0; }
+  // Where the GPU idles: per-step time between the end of one op and the start of the next, by the
+  // pair's names ("a -> b"), longest first, at most `top` of them.
+  std::vector<ProfileRow> gaps(size_t top) const;
 
   // ---- Backend: every call forwarded ----
   Device device() const override { return inner_.device(); }
@@ -132,6 +135,7 @@ class ProfilingBackend final : public Backend {
   std::vector<Pending> pending_;
   std::vector<Total> totals_;
   std::unordered_map<std::string, int> index_;
+  std::unordered_map<std::string, Total> gaps_;  // by "previous op -> next op"
   int steps_ = 0;
   double span_ms_ = 0;
 };
