@@ -51,11 +51,12 @@ void dropout_bf16(bf16* out, int64_t ld_out, const bf16* in, int64_t ld_in, int6
 // ---- embedding.cu --------------------------------------------------------------------------------
 void embedding_forward(bf16* out, const int32_t* tokens, const bf16* table, int64_t n_tokens,
                        int64_t channels, cudaStream_t s);
-// Deterministic scatter-add: order[] lists token positions sorted by token id (stable), and
-// run_starts[r]..run_starts[r+1] the positions of the r-th distinct token; one block per run.
-void embedding_backward(float* dtable, const bf16* dout, const int32_t* tokens,
-                        const int32_t* order, const int32_t* run_starts, int64_t n_runs,
-                        int64_t channels, cudaStream_t s);
+// Deterministic scatter-add dtable[tokens[n]] += dout[n] (dtable [vocab, channels] f32): the
+// positions sorted by token on the GPU (stable), then one block per distinct token sums its rows in
+// order of position. Ids outside [0, vocab) add nothing. scratch: embedding_backward_scratch_bytes.
+size_t embedding_backward_scratch_bytes(int64_t n_tokens);
+void embedding_backward(float* dtable, const bf16* dout, const int32_t* tokens, int64_t n_tokens,
+                        int64_t vocab, int64_t channels, void* scratch, cudaStream_t s);
 
 // ---- rmsnorm.cu ----------------------------------------------------------------------------------
 // norm_out's rows are ld_norm apart (a fused LoRA projection's padded input); the rest contiguous.

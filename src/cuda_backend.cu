@@ -2,8 +2,7 @@
 // kernels/. Each op checks its tensors (device, dtype, shape, contiguity where the kernel needs
 // it), turns the views into the raw pointers and row strides the launchers take, and launches on
 // the one compute stream; nothing here synchronizes except the ops whose contract says so
-// (download, sum_squares, synchronize) and embedding_backward, which reads the token ids on the
-// host.
+// (download, sum_squares, synchronize).
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -348,8 +347,8 @@ class CudaBackend final : public Backend {
                                channels, stream());
   }
 
-  // The token ids come to the host (N is small) to be sorted: one block per distinct token then
-  // sums its rows in order of position, with no atomics.
+  // The positions are sorted by token on the GPU: one block per distinct token then sums its rows
+  // in order of position, with no atomics and no wait for the host.
   void embedding_backward(Tensor dtable, Tensor dout, Tensor tokens, float beta) override {
     use_device();
     check(dtable, DType::f32, "embedding dtable");
@@ -366,32 +365,9 @@ class CudaBackend final : public Backend {
       kernels::scale_f32(dtable.ptr<float>(), dtable.numel(), beta, stream());
     if (n_tokens == 0) return;
 
-    const auto n = static_cast<size_t>(n_tokens);
-    token_ids_.resize(n);
-    download(token_ids_.data(), tokens);
-    for (int32_t id : token_ids_)
-      RT_ASSERT(id >= 0 && id < vocab, "token id " + std::to_string(id) +
-                                           " outside the vocabulary of " + std::to_string(vocab));
-    // order (n entries) then run_starts (n_runs + 1 entries), uploaded as one array.
-    order_runs_.resize(n);
-    std::iota(order_runs_.begin(), order_runs_.end(), 0);
-    std::stable_sort(order_runs_.begin(), order_runs_.end(), [&](int32_t x, int32_t y) {
-      return token_ids_[static_cast<size_t>(x)] < token_ids_[static_cast<size_t>(y)];
-    });
-    for (size_t i = 0; i < n; ++i)
-      if (i == 0 || token_ids_[static_cast<size_t>(order_runs_[i])] !=
-                        token_ids_[static_cast<size_t>(order_runs_[i - 1])])
-        order_runs_.push_back(static_cast<int32_t>(i));
-    const int64_t n_runs = static_cast<int64_t>(order_runs_.size() - n);
-    order_runs_.push_back(static_cast<int32_t>(n));
-
-    const size_t bytes = order_runs_.size() * sizeof(int32_t);
-    auto* device_order = static_cast<int32_t*>(embedding_scratch_.get(bytes, stream()));
-    upload(
-        Tensor(device_order, DType::i32, Device::cuda, {static_cast<int64_t>(order_runs_.size())}),
-        order_runs_.data());
-    kernels::embedding_backward(dtable.ptr<float>(), dout.ptr<bf16>(), tokens.ptr<int32_t>(),
-                                device_order, device_order + n, n_runs, channels, stream());
+    void* scratch = embedding_scratch_.get(kernels::embedding_backward_scratch_bytes(n_tokens), stream());
+    kernels::embedding_backward(dtable.ptr<float>(), dout.ptr<bf16>(), tokens.ptr<int32_t>(), n_tokens, vocab,
+                                channels, scratch, stream());
   }
 
   // ---- RMSNorm ----------------------------------------------------------------------------------
@@ -830,7 +806,6 @@ class CudaBackend final : public Backend {
   std::unordered_map<GemmKey, GemmPlan, GemmKeyHash> gemm_plans_;
   Buffer maps_;  // the signed then the unsigned 8-bit map, 256 floats each
   Scratch sum_squares_scratch_, rmsnorm_scratch_, attention_scratch_, embedding_scratch_;
-  std::vector<int32_t> token_ids_, order_runs_;  // embedding_backward's host-side sort
 };
 
 }  // namespace

@@ -884,6 +884,12 @@ void LlamaModel::upload_inputs(const ModelInputs& in) {
   B_ = in.batch;
   T_ = in.seq_len;
   N_ = in.batch * in.seq_len;
+  // The datasets check every id when they open (a bad one is an exit-2 message); this keeps any other
+  // caller from indexing the embedding out of bounds.
+  for (int64_t i = 0; i < N_; ++i)
+    RT_ASSERT(in.tokens[i] >= 0 && in.tokens[i] < opt_.arch.vocab_size,
+              "token id " + std::to_string(in.tokens[i]) + " at " + std::to_string(i) + " outside the vocabulary of " +
+                  std::to_string(opt_.arch.vocab_size));
   be_.upload(tokens_.flat_slice(0, N_), in.tokens);
   be_.upload(targets_.flat_slice(0, N_), in.targets);
   have_doc_ids_ = in.doc_ids != nullptr;

@@ -470,20 +470,31 @@ TEST_F(GpuOps, EmbeddingForwardCopiesRows) {
 }
 
 TEST_F(GpuOps, EmbeddingBackwardSumsInOrderAndIsDeterministic) {
-  for (const int64_t channels : {int64_t{24}, int64_t{96}, int64_t{37}}) {
+  // A small vocabulary with many repeats, then Llama 3's (17-bit ids: five radix passes of the GPU's
+  // sort) over more positions than the sort's 512 threads, ids from a few hundred spread over it.
+  struct Case {
+    int64_t vocab, n, channels;
+  };
+  const Case cases[] = {{50, 300, 24}, {50, 300, 96}, {50, 300, 37}, {128256, 4100, 64}};
+  for (const Case& k : cases) {
     for (const float beta : {0.f, 0.5f, 1.f}) {
-      const std::string where = "C=" + std::to_string(channels) + " beta " + std::to_string(beta);
-      const int64_t vocab = 50, n = 300;  // many repeated tokens
-      Pair dout = act(n, channels);
-      dout.set(normal(n * channels));
-      Pair tokens = i32_vec(n);
-      tokens.set(ints(n, 0, static_cast<int>(vocab - 1)));
-      Pair dtable = f32(vocab, channels);
-      const std::vector<float> initial = normal(vocab * channels);
+      const std::string where = "vocab " + std::to_string(k.vocab) + " n " + std::to_string(k.n) + " C=" +
+                                std::to_string(k.channels) + " beta " + std::to_string(beta);
+      Pair dout = act(k.n, k.channels);
+      dout.set(normal(k.n * k.channels));
+      Pair tokens = i32_vec(k.n);
+      std::vector<float> ids = ints(k.n, 0, static_cast<int>(std::min<int64_t>(k.vocab, 300) - 1));
+      for (float& id : ids) id = static_cast<float>(static_cast<int64_t>(id) * 427 % k.vocab);
+      ids.back() = static_cast<float>(k.vocab - 1);
+      tokens.set(ids);
+      Pair dtable = f32(k.vocab, k.channels);
+      const std::vector<float> initial = normal(k.vocab * k.channels);
       dtable.set(initial);
       if (beta == 0.f) dtable.gpu.poison_view();  // not read
       gpu().embedding_backward(dtable.gpu.view, dout.gpu.view, tokens.gpu.view, beta);
       cpu().embedding_backward(dtable.cpu.view, dout.cpu.view, tokens.cpu.view, beta);
+      // Both add each token's rows in order of position, in fp32: the same bits.
+      EXPECT_TRUE(bitwise_equal(dtable.gpu.get(), dtable.cpu.get())) << "GPU differs from the CPU, " << where;
       expect_close(dtable, 1e-6, "embedding backward " + where);
 
       const std::vector<float> first = dtable.gpu.get();
