@@ -77,11 +77,12 @@ void rope(bf16* x, int64_t ld, int64_t n_rows, int64_t n_heads, int64_t head_dim
           const int32_t* positions, const float* cos, const float* sin, float sign, cudaStream_t s);
 
 // ---- swiglu.cu -----------------------------------------------------------------------------------
-// ld_h, ld_dh: row strides of h and dh (a fused LoRA projection's padded input and dx).
+// ld_h, ld_dh: row strides of h and dh (a fused LoRA projection's padded input and dx). The
+// backward also writes h, bitwise as the forward does, when h is not null.
 void swiglu_forward(bf16* h, int64_t ld_h, const bf16* gate, const bf16* up, int64_t ld_gu, int64_t n_rows, int64_t ffn,
                     cudaStream_t s);
-void swiglu_backward(bf16* dgate, bf16* dup, int64_t ld_dgu, const bf16* dh, int64_t ld_dh, const bf16* gate,
-                     const bf16* up, int64_t ld_gu, int64_t n_rows, int64_t ffn, cudaStream_t s);
+void swiglu_backward(bf16* dgate, bf16* dup, int64_t ld_dgu, bf16* h, int64_t ld_h, const bf16* dh, int64_t ld_dh,
+                     const bf16* gate, const bf16* up, int64_t ld_gu, int64_t n_rows, int64_t ffn, cudaStream_t s);
 
 // ---- cross_entropy.cu ----------------------------------------------------------------------------
 // logits f32 or bf16; dlogits may be null (forward only) or the logits themselves (bf16, in place).

@@ -693,7 +693,8 @@ class CpuBackend final : public Backend {
   }
 
   // d silu(g)/dg = sig(g) * (1 + g*(1 - sig(g))).
-  void swiglu_backward(Tensor dgate, Tensor dup, Tensor dh, Tensor gate, Tensor up) override {
+  void swiglu_backward(Tensor dgate, Tensor dup, Tensor dh, Tensor gate, Tensor up, Tensor h) override {
+    if (!h.empty()) check_same_matrix(h, "swiglu h", gate, "swiglu gate");
     check_same_matrix(dgate, "swiglu dgate", gate, "swiglu gate");
     check_same_matrix(dup, "swiglu dup", gate, "swiglu gate");
     check_same_matrix(dh, "swiglu dh", gate, "swiglu gate");
@@ -706,11 +707,13 @@ class CpuBackend final : public Backend {
       const float* grad = row_ptr<float>(dh, r);
       const float* g = row_ptr<float>(gate, r);
       const float* u = row_ptr<float>(up, r);
+      float* out = h.empty() ? nullptr : row_ptr<float>(h, r);
       for (int64_t c = 0; c < cols; ++c) {
         const float gc = g[c], uc = u[c], dhc = grad[c];  // read all before writing: may alias
         const float sig = sigmoid(gc);
         dg[c] = dhc * uc * sig * (1.0f + gc * (1.0f - sig));
         du[c] = dhc * gc * sig;
+        if (out) out[c] = gc * sig * uc;  // as swiglu_forward rounds it
       }
     }
   }

@@ -538,7 +538,7 @@ class CudaBackend final : public Backend {
     kernels::swiglu_forward(h.ptr<bf16>(), h.ld(), gate.ptr<bf16>(), up.ptr<bf16>(), gate.ld(), n_rows, ffn, stream());
   }
 
-  void swiglu_backward(Tensor dgate, Tensor dup, Tensor dh, Tensor gate, Tensor up) override {
+  void swiglu_backward(Tensor dgate, Tensor dup, Tensor dh, Tensor gate, Tensor up, Tensor h) override {
     use_device();
     const int64_t n_rows = gate.rows(), ffn = gate.cols();
     check(gate, DType::bf16, "swiglu gate");
@@ -548,8 +548,10 @@ class CudaBackend final : public Backend {
     RT_ASSERT(up.ld() == gate.ld() && dup.ld() == dgate.ld(),
               "swiglu gate/up and dgate/dup must be halves of one buffer each");
     check_matrix(dh, DType::bf16, n_rows, ffn, "swiglu dh");
-    kernels::swiglu_backward(dgate.ptr<bf16>(), dup.ptr<bf16>(), dgate.ld(), dh.ptr<bf16>(), dh.ld(), gate.ptr<bf16>(),
-                             up.ptr<bf16>(), gate.ld(), n_rows, ffn, stream());
+    if (!h.empty()) check_matrix(h, DType::bf16, n_rows, ffn, "swiglu h");
+    kernels::swiglu_backward(dgate.ptr<bf16>(), dup.ptr<bf16>(), dgate.ld(), h.empty() ? nullptr : h.ptr<bf16>(),
+                             h.empty() ? 0 : h.ld(), dh.ptr<bf16>(), dh.ld(), gate.ptr<bf16>(), up.ptr<bf16>(),
+                             gate.ld(), n_rows, ffn, stream());
   }
 
   // ---- cross-entropy ---------------------------------------------------------------------------

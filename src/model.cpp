@@ -986,7 +986,7 @@ void LlamaModel::layer_forward(int l, bool recompute, uint64_t dropout_seed) {
   }
   // MLP block.
   linear_forward(gu, ln2, l, A.gate_up_lora, base_weight(l, "mlp.gate_up"), dropout_seed, xa_in_place);
-  b.swiglu_forward(h, gu.col_slice(0, F), gu.col_slice(F, F));
+  if (!(recompute && swiglu_in_backward())) b.swiglu_forward(h, gu.col_slice(0, F), gu.col_slice(F, F));
   if (recompute) return;  // backward needs the down projection's xa (back in place), not its output
   linear_forward(delta, h, l, A.down_lora, base_weight(l, "mlp.down_proj.weight"), dropout_seed);
   if (training_ && opt_.lora && opt_.checkpointing != Checkpointing::off) copy_saved_xa(l, /*to_saved=*/true);
@@ -1210,12 +1210,14 @@ std::vector<float> LlamaModel::head_logits(int64_t n_rows) {
 // dB = dy^T xa, dA = s u^T drop(x), dx += s drop'(u A).
 // Fused, the dgrad GEMM over the padded weight, dy [W | B], writes dx and, into dx's padding, u.
 void LlamaModel::linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const LoraGroup& lora, Tensor weight,
-                                 const std::vector<int>& weight_slots, uint64_t dropout_seed) {
+                                 const std::vector<int>& weight_slots, uint64_t dropout_seed,
+                                 const std::function<void()>& x_ready) {
   Backend& b = be(l);
   Stage& S = stage(l);
   const std::vector<LinearPart>& parts = lora.parts;
   if (parts.empty()) {
     if (!dx.empty()) b.matmul(dx, dy, weight, false, false, 1.f, 0.f);
+    if (x_ready) x_ready();
     if (!opt_.train_base || weight_slots.empty()) return;
     const ParamSpec& first = *std::find_if(base_.specs.begin(), base_.specs.end(), [&](const ParamSpec& p) {
       return base_.slot[static_cast<size_t>(&p - base_.specs.data())] == weight_slots.front();
@@ -1227,6 +1229,7 @@ void LlamaModel::linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const Lo
   const int64_t r = opt_.lora_r, width = static_cast<int64_t>(parts.size()) * r;
   const float s = opt_.lora_scaling;
   const bool dropout = opt_.lora_dropout > 0;
+  RT_ASSERT(!(dropout && x_ready), "linear_backward: with LoRA dropout x is read before dx is complete");
   // Unfused with dropout the parts add their dx terms one by one, onto dy W.
   if (!dx.empty() && !lora.fused && dropout) b.matmul(dx, dy, weight, false, false, 1.f, 0.f);
   Tensor u;
@@ -1269,17 +1272,20 @@ void LlamaModel::linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const Lo
     b.add(dx, tmp);
   }
   if (dropout) return;
-  // Without dropout: every part's A gradient in one GEMM, s u^T x, and their dx terms in one.
+  // Without dropout: every part's dx term in one GEMM (s u A), then, once x is ready, their A
+  // gradients in one, s u^T x.
+  if (!dx.empty()) {
+    if (lora.fused) {
+      b.matmul(dx, u, lora.a, false, false, s, 1.f);
+    } else {
+      // Unfused: the adapters write dx first and the base GEMM adds dy W in its epilogue.
+      b.matmul(dx, u, lora.a, false, false, s, 0.f);
+      b.matmul(dx, dy, weight, false, false, 1.f, 1.f);
+    }
+  }
+  if (x_ready) x_ready();
   if (!lora.grad_a.empty())
     write_grad(l, lora.slots_a, [&](float beta) { b.matmul(lora.grad_a, u, x, true, false, s, beta); });
-  if (dx.empty()) return;
-  if (lora.fused) {
-    b.matmul(dx, u, lora.a, false, false, s, 1.f);
-    return;
-  }
-  // Unfused: the adapters write dx first and the base GEMM adds dy W in its epilogue.
-  b.matmul(dx, u, lora.a, false, false, s, 0.f);
-  b.matmul(dx, dy, weight, false, false, 1.f, 1.f);
 }
 
 void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
@@ -1289,7 +1295,8 @@ void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
   // has overwritten them.
   const bool last_of_stage =
       l + 1 == a.n_layers || layer_stage_[static_cast<size_t>(l) + 1] != layer_stage_[static_cast<size_t>(l)];
-  if (opt_.checkpointing != Checkpointing::off && !last_of_stage) {
+  const bool recomputed = opt_.checkpointing != Checkpointing::off && !last_of_stage;
+  if (recomputed) {
     layer_forward(l, /*recompute=*/true, dropout_seed);
     ++layers_recomputed_;
   }
@@ -1318,11 +1325,17 @@ void LlamaModel::layer_backward(int l, uint64_t dropout_seed) {
   // The inputs of layer 0 need no gradient unless the embedding is trained.
   const bool need_dx = l > 0 || full;
 
-  // MLP: d = h Wd^T; x_out = x_mid + d.
-  linear_backward(dh, dres, A.h.row_slice(0, N), l, A.down_lora, base_weight(l, "mlp.down_proj.weight"),
-                  slots({"mlp.down_proj.weight"}), dropout_seed);
-  b.swiglu_backward(dgu.col_slice(0, F), dgu.col_slice(F, F), dh, A.gu.row_slice(0, N).col_slice(0, F),
-                      A.gu.row_slice(0, N).col_slice(F, F));
+  // MLP: d = h Wd^T; x_out = x_mid + d. A recomputed layer's h comes from the SwiGLU backward,
+  // once dh is complete and before the down projection's weight gradients read it.
+  const bool h_in_backward = recomputed && swiglu_in_backward();
+  Tensor h = A.h.row_slice(0, N), gu = A.gu.row_slice(0, N);
+  const auto swiglu_back = [&] {
+    b.swiglu_backward(dgu.col_slice(0, F), dgu.col_slice(F, F), dh, gu.col_slice(0, F), gu.col_slice(F, F),
+                      h_in_backward ? h : Tensor());
+  };
+  linear_backward(dh, dres, h, l, A.down_lora, base_weight(l, "mlp.down_proj.weight"), slots({"mlp.down_proj.weight"}),
+                  dropout_seed, h_in_backward ? std::function<void()>(swiglu_back) : nullptr);
+  if (!h_in_backward) swiglu_back();
   linear_backward(dln_mlp, dgu, A.ln2.row_slice(0, N), l, A.gate_up_lora, base_weight(l, "mlp.gate_up"),
                   slots({"mlp.gate_proj.weight", "mlp.up_proj.weight"}), dropout_seed);
   auto norm_backward = [&](Tensor dln, Tensor x, const char* wname, Tensor rstd) {

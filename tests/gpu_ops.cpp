@@ -711,13 +711,17 @@ TEST_F(GpuOps, SwigluForwardBackward) {
 
       const auto [gpu_dgate, gpu_dup] = halves(dgate_up.gpu);
       const auto [cpu_dgate, cpu_dup] = halves(dgate_up.cpu);
-      gpu().swiglu_backward(gpu_dgate, gpu_dup, dh.gpu.view, gpu_gate, gpu_up);
-      cpu().swiglu_backward(cpu_dgate, cpu_dup, dh.cpu.view, cpu_gate, cpu_up);
+      gpu().swiglu_backward(gpu_dgate, gpu_dup, dh.gpu.view, gpu_gate, gpu_up, Tensor());
+      cpu().swiglu_backward(cpu_dgate, cpu_dup, dh.cpu.view, cpu_gate, cpu_up, Tensor());
       expect_close(dgate_up, kBf16Tol, "swiglu backward " + where);
 
-      // In place (dgate_up aliasing gate_up) gives the same result.
-      gpu().swiglu_backward(gpu_gate, gpu_up, dh.gpu.view, gpu_gate, gpu_up);
+      // In place (dgate_up aliasing gate_up) and writing h as well (a recomputed layer's backward):
+      // the same dgate_up, and h bitwise as the forward wrote it.
+      const std::vector<float> forward_h = h.gpu.get();
+      h.gpu.poison_view();
+      gpu().swiglu_backward(gpu_gate, gpu_up, dh.gpu.view, gpu_gate, gpu_up, h.gpu.view);
       EXPECT_TRUE(bitwise_equal(gate_up.gpu.get(), dgate_up.gpu.get())) << "in place, " << where;
+      EXPECT_TRUE(bitwise_equal(h.gpu.get(), forward_h)) << "h from the backward, " << where;
     }
 }
 

@@ -580,7 +580,14 @@ TEST(CpuOps, SwigluGradients) {
   std::vector<float> dgate_up_s(gate_up_s.size(), kNaN);
   Tensor dgate_up = matrix(dgate_up_s, n_rows, 2 * ffn);
   Tensor dgate = dgate_up.col_slice(0, ffn), dup = dgate_up.col_slice(ffn, ffn);
-  backend->swiglu_backward(dgate, dup, w, gate, up);
+  backend->swiglu_backward(dgate, dup, w, gate, up, Tensor());
+  // Asked for h too (a recomputed layer's backward), it writes the forward's h to the bit and the
+  // same gradients.
+  std::vector<float> h2_s(h_s.size(), kNaN), dgate_up2_s(gate_up_s.size(), kNaN);
+  Tensor h2 = matrix(h2_s, n_rows, ffn), dgate_up2 = matrix(dgate_up2_s, n_rows, 2 * ffn);
+  backend->swiglu_backward(dgate_up2.col_slice(0, ffn), dgate_up2.col_slice(ffn, ffn), w, gate, up, h2);
+  EXPECT_EQ(0, std::memcmp(h2_s.data(), h_s.data(), h_s.size() * sizeof(float)));
+  EXPECT_EQ(0, std::memcmp(dgate_up2_s.data(), dgate_up_s.data(), dgate_up_s.size() * sizeof(float)));
   const auto loss = [&] {
     backend->swiglu_forward(h, gate, up);
     return weighted_sum(h, w);
@@ -592,7 +599,7 @@ TEST(CpuOps, SwigluGradients) {
   at(gate, 0, 0) = -200.0f;
   at(gate, 0, 1) = 200.0f;
   backend->swiglu_forward(h, gate, up);
-  backend->swiglu_backward(dgate, dup, w, gate, up);
+  backend->swiglu_backward(dgate, dup, w, gate, up, Tensor());
   for (float x : h_s) EXPECT_TRUE(std::isfinite(x));
   for (float x : dgate_up_s) EXPECT_TRUE(std::isfinite(x));
 }

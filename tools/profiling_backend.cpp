@@ -202,8 +202,8 @@ void ProfilingBackend::attention_decode(Tensor out, Tensor q, Tensor k_cache, Te
 void ProfilingBackend::swiglu_forward(Tensor h, Tensor gate, Tensor up) {
   timed("swiglu fwd", 0, [&] { inner_.swiglu_forward(h, gate, up); });
 }
-void ProfilingBackend::swiglu_backward(Tensor dgate, Tensor dup, Tensor dh, Tensor gate, Tensor up) {
-  timed("swiglu bwd", 0, [&] { inner_.swiglu_backward(dgate, dup, dh, gate, up); });
+void ProfilingBackend::swiglu_backward(Tensor dgate, Tensor dup, Tensor dh, Tensor gate, Tensor up, Tensor h) {
+  timed(h.empty() ? "swiglu bwd" : "swiglu bwd (and h)", 0, [&] { inner_.swiglu_backward(dgate, dup, dh, gate, up, h); });
 }
 void ProfilingBackend::cross_entropy(Tensor losses, Tensor dlogits, Tensor logits, Tensor targets,
                                      float grad_scale) {

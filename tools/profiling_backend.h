@@ -95,7 +95,7 @@ class ProfilingBackend final : public Backend {
   void attention_decode(Tensor out, Tensor q, Tensor k_cache, Tensor v_cache, int64_t n_keys,
                         const AttnShape& shape) override;
   void swiglu_forward(Tensor h, Tensor gate, Tensor up) override;
-  void swiglu_backward(Tensor dgate, Tensor dup, Tensor dh, Tensor gate, Tensor up) override;
+  void swiglu_backward(Tensor dgate, Tensor dup, Tensor dh, Tensor gate, Tensor up, Tensor h) override;
   void cross_entropy(Tensor losses, Tensor dlogits, Tensor logits, Tensor targets, float grad_scale) override;
   void adamw_step(Tensor master, Tensor compute, Tensor grad, Tensor m, Tensor v, const AdamWParams& p) override;
   void nf4_dequantize(Tensor out, const Nf4Weight& w) override;

@@ -165,8 +165,10 @@ class Backend {
   // ---- SwiGLU: h = silu(gate) * up -------------------------------------------------------------
   // gate/up [N,F] views (column halves of the fused gate_up output), h [N,F] act.
   virtual void swiglu_forward(Tensor h, Tensor gate, Tensor up) = 0;
-  // Writes dgate, dup (views of dgate_up) from dh.
-  virtual void swiglu_backward(Tensor dgate, Tensor dup, Tensor dh, Tensor gate, Tensor up) = 0;
+  // Writes dgate, dup (views of dgate_up, which may be gate_up itself) from dh. With h not empty,
+  // also h = silu(gate) * up, bitwise as swiglu_forward writes it: a recomputed layer's forward
+  // leaves h to its backward, which then reads gate_up once instead of twice.
+  virtual void swiglu_backward(Tensor dgate, Tensor dup, Tensor dh, Tensor gate, Tensor up, Tensor h) = 0;
 
   // ---- cross-entropy over a chunk of logits ----------------------------------------------------
   // logits [n,V] act (the GPU also takes f32), targets [n] i32 (-100 = ignored), losses [n] f32 (0 for ignored rows).

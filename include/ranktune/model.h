@@ -254,8 +254,15 @@ class LlamaModel {
                       bool xa_in_place = false);
   // The recompute's xa: copied between the inputs' padding and the layer's saved copies (checkpointing).
   void copy_saved_xa(int l, bool to_saved);
+  // x_ready (if set) runs once dx is complete and before anything reads x: a recomputed layer's
+  // SwiGLU backward writes the down projection's input h there (swiglu_in_backward).
   void linear_backward(Tensor dx, Tensor dy, Tensor x, int l, const LoraGroup& lora, Tensor weight,
-                       const std::vector<int>& weight_slots, uint64_t dropout_seed);
+                       const std::vector<int>& weight_slots, uint64_t dropout_seed,
+                       const std::function<void()>& x_ready = nullptr);
+  // Whether a recomputed layer leaves h = silu(gate) * up to its backward, whose SwiGLU pass writes
+  // it beside dgate_up: one pass over gate_up where two would read it. Not with LoRA dropout, whose
+  // masks of h are drawn before the down projection's dx is complete.
+  bool swiglu_in_backward() const { return !(opt_.lora && opt_.lora_dropout > 0); }
   LayerActs& acts(int l);
   Stage& stage(int l);  // the stage of layer l
   Backend& be(int l);   // the backend that runs layer l
