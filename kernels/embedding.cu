@@ -127,9 +127,9 @@ __global__ void __launch_bounds__(kSortThreads)
 // rows to it one after another, in order of position, exactly as a sequential loop over n would;
 // no other block touches this row.
 template <int kVec>
-__global__ void embedding_backward_kernel(float* dtable, const bf16* dout, const int32_t* tokens,
-                                          const int32_t* order, const int32_t* run_starts,
-                                          const int32_t* n_runs, int32_t vocab, int64_t channels) {
+__global__ void embedding_backward_kernel(float* dtable, const bf16* dout, const int32_t* tokens, const int32_t* order,
+                                          const int32_t* run_starts, const int32_t* n_runs, int32_t vocab,
+                                          int64_t channels) {
   if (static_cast<int32_t>(blockIdx.x) >= *n_runs) return;
   const int32_t begin = run_starts[blockIdx.x], end = run_starts[blockIdx.x + 1];
   const int32_t token = tokens[order[begin]];
@@ -170,11 +170,12 @@ void embedding_forward(bf16* out, const int32_t* tokens, const bf16* table, int6
 
 size_t embedding_backward_scratch_bytes(int64_t n_tokens) {
   // Two pair arrays, then order (n), run_starts (n + 1) and the run count.
-  return 2 * sizeof(uint64_t) * static_cast<size_t>(n_tokens) + sizeof(int32_t) * (2 * static_cast<size_t>(n_tokens) + 2);
+  return 2 * sizeof(uint64_t) * static_cast<size_t>(n_tokens) +
+         sizeof(int32_t) * (2 * static_cast<size_t>(n_tokens) + 2);
 }
 
-void embedding_backward(float* dtable, const bf16* dout, const int32_t* tokens, int64_t n_tokens,
-                        int64_t vocab, int64_t channels, void* scratch, cudaStream_t s) {
+void embedding_backward(float* dtable, const bf16* dout, const int32_t* tokens, int64_t n_tokens, int64_t vocab,
+                        int64_t channels, void* scratch, cudaStream_t s) {
   if (n_tokens == 0 || channels == 0) return;
   RT_ASSERT(n_tokens < INT32_MAX && vocab < INT32_MAX, "embedding backward: more than 2^31 tokens or ids");
   auto* a = static_cast<uint64_t*>(scratch);
@@ -184,9 +185,8 @@ void embedding_backward(float* dtable, const bf16* dout, const int32_t* tokens, 
   int32_t* n_runs = run_starts + n_tokens + 1;
   int key_bits = 1;  // enough for every key in [0, vocab], vocab itself the out-of-range bucket
   while ((int64_t{1} << key_bits) <= vocab) ++key_bits;
-  embedding_sort_kernel<<<1, kSortThreads, 0, s>>>(order, run_starts, n_runs, a, b, tokens,
-                                                   static_cast<int32_t>(n_tokens), static_cast<int32_t>(vocab),
-                                                   key_bits);
+  embedding_sort_kernel<<<1, kSortThreads, 0, s>>>(
+      order, run_starts, n_runs, a, b, tokens, static_cast<int32_t>(n_tokens), static_cast<int32_t>(vocab), key_bits);
   cudaCheckLaunch();
   const bool vec = channels % 8 == 0 && aligned16(dtable) && aligned16(dout);
   const auto blocks = static_cast<unsigned>(n_tokens);  // at least as many as runs

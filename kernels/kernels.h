@@ -55,8 +55,8 @@ void embedding_forward(bf16* out, const int32_t* tokens, const bf16* table, int6
 // positions sorted by token on the GPU (stable), then one block per distinct token sums its rows in
 // order of position. Ids outside [0, vocab) add nothing. scratch: embedding_backward_scratch_bytes.
 size_t embedding_backward_scratch_bytes(int64_t n_tokens);
-void embedding_backward(float* dtable, const bf16* dout, const int32_t* tokens, int64_t n_tokens,
-                        int64_t vocab, int64_t channels, void* scratch, cudaStream_t s);
+void embedding_backward(float* dtable, const bf16* dout, const int32_t* tokens, int64_t n_tokens, int64_t vocab,
+                        int64_t channels, void* scratch, cudaStream_t s);
 
 // ---- rmsnorm.cu ----------------------------------------------------------------------------------
 // norm_out's rows are ld_norm apart (a fused LoRA projection's padded input); the rest contiguous.

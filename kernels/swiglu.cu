@@ -94,7 +94,7 @@ void swiglu_backward(bf16* dgate, bf16* dup, int64_t ld_dgu, bf16* h, int64_t ld
   } else {
     const int threads = threads_for(ffn, kMaxThreads);
     swiglu_backward_kernel<1><<<grid_2d(n_rows, ffn, threads), threads, 0, s>>>(dgate, dup, ld_dgu, h, ld_h, dh, ld_dh,
-                                                                                 gate, up, ld_gu, n_rows, ffn);
+                                                                                gate, up, ld_gu, n_rows, ffn);
   }
   cudaCheckLaunch();
 }

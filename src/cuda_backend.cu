@@ -366,8 +366,8 @@ class CudaBackend final : public Backend {
     if (n_tokens == 0) return;
 
     void* scratch = embedding_scratch_.get(kernels::embedding_backward_scratch_bytes(n_tokens), stream());
-    kernels::embedding_backward(dtable.ptr<float>(), dout.ptr<bf16>(), tokens.ptr<int32_t>(), n_tokens, vocab,
-                                channels, scratch, stream());
+    kernels::embedding_backward(dtable.ptr<float>(), dout.ptr<bf16>(), tokens.ptr<int32_t>(), n_tokens, vocab, channels,
+                                scratch, stream());
   }
 
   // ---- RMSNorm ----------------------------------------------------------------------------------

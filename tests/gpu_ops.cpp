@@ -478,8 +478,8 @@ TEST_F(GpuOps, EmbeddingBackwardSumsInOrderAndIsDeterministic) {
   const Case cases[] = {{50, 300, 24}, {50, 300, 96}, {50, 300, 37}, {128256, 4100, 64}};
   for (const Case& k : cases) {
     for (const float beta : {0.f, 0.5f, 1.f}) {
-      const std::string where = "vocab " + std::to_string(k.vocab) + " n " + std::to_string(k.n) + " C=" +
-                                std::to_string(k.channels) + " beta " + std::to_string(beta);
+      const std::string where = "vocab " + std::to_string(k.vocab) + " n " + std::to_string(k.n) +
+                                " C=" + std::to_string(k.channels) + " beta " + std::to_string(beta);
       Pair dout = act(k.n, k.channels);
       dout.set(normal(k.n * k.channels));
       Pair tokens = i32_vec(k.n);

@@ -132,8 +132,9 @@ int main(int argc, char** argv) {
     be->rope_forward(k, positions, cos_t, sin_t, D);
   });
   mem("swiglu fwd", 3.0 * N * F * 2, [&] { be->swiglu_forward(h, gu.col_slice(0, F), gu.col_slice(F, F)); });
-  mem("swiglu bwd", 5.0 * N * F * 2,
-      [&] { be->swiglu_backward(dgu.col_slice(0, F), dgu.col_slice(F, F), h, gu.col_slice(0, F), gu.col_slice(F, F), Tensor()); });
+  mem("swiglu bwd", 5.0 * N * F * 2, [&] {
+    be->swiglu_backward(dgu.col_slice(0, F), dgu.col_slice(F, F), h, gu.col_slice(0, F), gu.col_slice(F, F), Tensor());
+  });
   mem("cross-entropy chunk (2048 x 128256)", double(chunk) * V * (4 + 2),
       [&] { be->cross_entropy(losses, dlogits, logits, targets, 1.0f / 4096); });
   AdamWParams hp;

@@ -29,8 +29,9 @@
 // flops_per_token below), model_tflops_per_s, plan_mem_gib (the memory plan's total for the run,
 // src/memory_plan.cpp, to compare with peak_mem_gib), zero (0 or 1), grad_reduce (copy_engines or nccl; "" on one GPU),
 // steps, warmup, profiled and, with --profile 1, profile: {steps, step_ms, gpu_span_ms, ops_ms, ops: [{op, calls, ms,
-// gflop}], gaps: [{between: "op -> op", count, ms}] (the GPU's longest idle gaps)} (per step). gemm mode prints {peer, mode: "gemm", gemm_tflops (best shape), shapes: [...], gpu}. Errors go
-// to stderr; exit 2 for a usage error or a mode that is not available, 1 for a failure.
+// gflop}], gaps: [{between: "op -> op", count, ms}] (the GPU's longest idle gaps)} (per step). gemm mode prints {peer,
+// mode: "gemm", gemm_tflops (best shape), shapes: [...], gpu}. Errors go to stderr; exit 2 for a usage error or a mode
+// that is not available, 1 for a failure.
 #include <cuda_runtime.h>
 #include <mpi.h>
 
@@ -244,12 +245,8 @@ nlohmann::json profile_json(const bench::ProfilingBackend& prof, double step_ms)
   }
   nlohmann::json gaps = nlohmann::json::array();
   for (const auto& g : prof.gaps(12)) gaps.push_back({{"between", g.op}, {"count", g.calls}, {"ms", g.ms}});
-  return {{"steps", prof.steps()},
-          {"step_ms", step_ms},
-          {"gpu_span_ms", prof.gpu_span_ms()},
-          {"ops_ms", ops_ms},
-          {"ops", ops},
-          {"gaps", gaps}};
+  return {{"steps", prof.steps()}, {"step_ms", step_ms}, {"gpu_span_ms", prof.gpu_span_ms()},
+          {"ops_ms", ops_ms},      {"ops", ops},         {"gaps", gaps}};
 }
 
 void print_profile(const nlohmann::json& p) {
@@ -272,8 +269,8 @@ void print_profile(const nlohmann::json& p) {
   std::fprintf(stderr, "%-40s %8s %10.3f\n", "step wall time (profiled)", "", step_ms);
   std::fprintf(stderr, "\nthe GPU's longest idle gaps, per step (previous op -> next op)\n");
   for (const auto& g : p["gaps"])
-    std::fprintf(stderr, "%-90s %6.0f x %8.3f ms\n", g["between"].get<std::string>().c_str(),
-                 g["count"].get<double>(), g["ms"].get<double>());
+    std::fprintf(stderr, "%-90s %6.0f x %8.3f ms\n", g["between"].get<std::string>().c_str(), g["count"].get<double>(),
+                 g["ms"].get<double>());
 }
 
 int run_training(const Args& args) {

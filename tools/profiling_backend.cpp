@@ -64,8 +64,8 @@ void ProfilingBackend::end_step() {
     float idle = 0;  // previous op's end event to this op's start event
     BENCH_CUDA_CHECK(cudaEventElapsedTime(&idle, events_[pending_[i - 1].start + 1], events_[pending_[i].start]));
     if (idle <= 0) continue;
-    const std::string key = totals_[static_cast<size_t>(pending_[i - 1].op)].op + " -> " +
-                            totals_[static_cast<size_t>(pending_[i].op)].op;
+    const std::string key =
+        totals_[static_cast<size_t>(pending_[i - 1].op)].op + " -> " + totals_[static_cast<size_t>(pending_[i].op)].op;
     Total& g = gaps_.try_emplace(key, Total{key, 0, 0, 0}).first->second;
     g.calls += 1;
     g.ms += idle;
@@ -203,7 +203,8 @@ void ProfilingBackend::swiglu_forward(Tensor h, Tensor gate, Tensor up) {
   timed("swiglu fwd", 0, [&] { inner_.swiglu_forward(h, gate, up); });
 }
 void ProfilingBackend::swiglu_backward(Tensor dgate, Tensor dup, Tensor dh, Tensor gate, Tensor up, Tensor h) {
-  timed(h.empty() ? "swiglu bwd" : "swiglu bwd (and h)", 0, [&] { inner_.swiglu_backward(dgate, dup, dh, gate, up, h); });
+  timed(h.empty() ? "swiglu bwd" : "swiglu bwd (and h)", 0,
+        [&] { inner_.swiglu_backward(dgate, dup, dh, gate, up, h); });
 }
 void ProfilingBackend::cross_entropy(Tensor losses, Tensor dlogits, Tensor logits, Tensor targets,
                                      float grad_scale) {
